@@ -1,0 +1,21 @@
+"""lora_helpers: the reusable code of the notebook series "LoRA from scratch".
+
+Each module is introduced by one notebook, where the idea is first written out
+in full; later notebooks import it from here.
+
+====================  ========================================================
+module                introduced in
+====================  ========================================================
+``utils``             01 (set_seed, versions); 03 (get_device)
+``svd``               01_svd_low_rank_intuition
+``lora``              02_lora_linear_from_scratch
+``adapters``          02_lora_linear_from_scratch
+====================  ========================================================
+"""
+from .adapters import load_adapter, lora_state_dict, read_adapter, save_adapter
+from .lora import (LoRALinear, ParamCount, apply_lora, count_parameters, freeze_all_except, linear_names,
+                   lora_layers, mark_only_lora_trainable, merge_and_unload, merge_lora, unmerge_lora)
+from .svd import energy_captured, low_rank_approx, plot_singular_values, truncated_svd
+from .utils import get_device, print_versions, set_seed, versions
+
+__version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""The linear algebra behind low rank: truncated SVD and how much it keeps.
+
+Introduced in notebook 01 (``01_svd_low_rank_intuition.ipynb``), reused in
+notebooks 04 and 05 to ask whether a weight update is low rank.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def _as_matrix(W) -> torch.Tensor:
+    W = torch.as_tensor(W)
+    if W.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
+    return W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+
+
+def _check_rank(r: int, W: torch.Tensor) -> None:
+    if not isinstance(r, int) or not 1 <= r <= min(W.shape):
+        raise ValueError(f"rank r must be an int in [1, {min(W.shape)}] for a {tuple(W.shape)} matrix, got {r!r}")
+
+
+def truncated_svd(W, r: int):
+    """The top-``r`` singular triplets of ``W``: ``(U_r, S_r, Vh_r)``.
+
+    ``U_r`` is (m, r), ``S_r`` is (r,) in decreasing order and ``Vh_r`` is (r, n),
+    so that ``U_r @ diag(S_r) @ Vh_r`` is the best rank-r approximation of W.
+    """
+    W = _as_matrix(W)
+    _check_rank(r, W)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :r], S[:r], Vh[:r, :]
+
+
+def low_rank_approx(W, r: int) -> torch.Tensor:
+    """The best rank-``r`` approximation of ``W`` (Eckart-Young): ``U_r diag(S_r) Vh_r``."""
+    U, S, Vh = truncated_svd(W, r)
+    return (U * S) @ Vh
+
+
+def energy_captured(S) -> torch.Tensor:
+    """Cumulative share of the squared singular values: entry k-1 is the energy of the top k.
+
+    ``energy_captured(S)[k - 1] == ||low_rank_approx(W, k)||_F^2 / ||W||_F^2``.
+    """
+    S = torch.as_tensor(S, dtype=torch.float64)
+    energy = S.square().cumsum(0)
+    return energy / energy[-1]
+
+
+def plot_singular_values(spectra, ax=None, title="Singular values", normalize=False, log=True, max_k=None):
+    """Plot one spectrum or a ``{label: S}`` dict of spectra against their index.
+
+    ``normalize=True`` divides each by its largest value so that matrices of
+    different scales can share one axis.
+    """
+    if not isinstance(spectra, dict):
+        spectra = {"singular values": spectra}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for label, S in spectra.items():
+        S = np.asarray(torch.as_tensor(S, dtype=torch.float64))[:max_k]
+        if normalize:
+            S = S / S[0]
+        ax.plot(np.arange(1, len(S) + 1), S, marker="." if len(S) <= 64 else None, label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("index k (singular values sorted, largest first)")
+    ax.set_ylabel("σ_k / σ_1" if normalize else "singular value σ_k")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if len(spectra) > 1:
+        ax.legend()
+    return ax

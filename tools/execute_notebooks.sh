@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Execute notebooks in place, top to bottom in a fresh kernel, with the same
+# settings as the test suite (see conftest.py), so that the saved outputs are
+# the ones nbval compares against.
+#   bash tools/execute_notebooks.sh                   # every notebook
+#   bash tools/execute_notebooks.sh notebooks/02_*.ipynb
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LORA_PROFILE=smoke TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
+notebooks=("$@")
+[ ${#notebooks[@]} -gt 0 ] || notebooks=(notebooks/[0-9][0-9]_*.ipynb)
+for nb in "${notebooks[@]}"; do
+  echo "== $nb"
+  start=$SECONDS
+  jupyter nbconvert --to notebook --execute --inplace \
+    --ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 "$nb"
+  python tools/clean_notebook.py "$nb"
+  echo "   done in $((SECONDS - start)) s"
+done
