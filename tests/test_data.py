@@ -1,0 +1,140 @@
+"""Tests for lora_helpers.data: sources, errors, balanced subsets, cleaning."""
+import pandas as pd
+import pytest
+
+from lora_helpers import data
+from lora_helpers.data import clean_text, describe_imdb, hub_reachable, load_imdb
+
+
+def reviews(split, label, k):
+    word = "great" if label else "awful"
+    return [f"{split} review {i}: a {word} film.<br /><br />Really {word}." for i in range(k)]
+
+
+@pytest.fixture(autouse=True)
+def no_fallbacks(tmp_path_factory, monkeypatch):
+    """Every test starts with no source at all: empty repo and shared folders, no env var, offline."""
+    empty = tmp_path_factory.mktemp("empty")
+    monkeypatch.setattr(data, "REPO_ROOT", empty / "repo")
+    monkeypatch.setattr(data, "SHARED_IMDB_DIR", empty / "shared" / "data" / "imdb")
+    monkeypatch.delenv("LORA_IMDB_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def parquet_dir(tmp_path):
+    """train: 6 negative + 6 positive reviews; test: 3 + 3."""
+    for split, k in (("train", 6), ("test", 3)):
+        rows = [(t, label) for label in (0, 1) for t in reviews(split, label, k)]
+        pd.DataFrame(rows, columns=["text", "label"]).to_parquet(tmp_path / f"{split}.parquet")
+    return tmp_path
+
+
+@pytest.fixture
+def acl_dir(tmp_path):
+    """The tarball layout aclImdb/{train,test}/{pos,neg}/*.txt, 4 reviews per folder."""
+    root = tmp_path / "aclImdb"
+    for split in ("train", "test"):
+        for label, sub in ((0, "neg"), (1, "pos")):
+            (root / split / sub).mkdir(parents=True)
+            for i, text in enumerate(reviews(split, label, 4)):
+                (root / split / sub / f"{i}_{7 if label else 2}.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+def test_parquet_folder(parquet_dir, capsys):
+    ds = load_imdb(data_dir=parquet_dir)
+    assert set(ds) == {"train", "test"} and ds["train"].column_names == ["text", "label"]
+    assert (len(ds["train"]), len(ds["test"])) == (12, 6)
+    assert sorted(ds["train"]["label"]) == [0] * 6 + [1] * 6
+    out = capsys.readouterr().out
+    assert str(parquet_dir) in out and "6 negative / 6 positive" in out
+    assert str(parquet_dir) in ds["train"].info.description
+
+
+def test_acl_layout_and_labels(acl_dir):
+    for folder in (acl_dir, acl_dir.parent):  # the aclImdb folder itself, or the folder holding it
+        ds = load_imdb(data_dir=folder, verbose=False)
+        assert len(ds["train"]) == 8 and len(ds["test"]) == 8
+        for row in ds["train"]:
+            assert row["label"] == (1 if "great" in row["text"] else 0)
+
+
+def test_env_var_and_repo_fallbacks(parquet_dir, acl_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_IMDB_DIR", str(parquet_dir))
+    assert "parquet" in load_imdb(verbose=False)["train"].info.description
+    monkeypatch.delenv("LORA_IMDB_DIR")
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    acl_dir.rename(repo / "data" / "aclImdb")
+    monkeypatch.setattr(data, "REPO_ROOT", repo)
+    assert "aclImdb" in load_imdb(verbose=False)["train"].info.description
+
+
+def test_shared_fallback(parquet_dir, monkeypatch):
+    monkeypatch.setattr(data, "SHARED_IMDB_DIR", parquet_dir)
+    assert len(load_imdb(verbose=False)["train"]) == 12
+
+
+def test_wrong_layout_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "reviews.csv").write_text("text,label\n")
+    with pytest.raises(FileNotFoundError, match=r"train\.parquet.*reviews\.csv"):
+        load_imdb(data_dir=tmp_path)
+    monkeypatch.setenv("LORA_IMDB_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="LORA_IMDB_DIR"):
+        load_imdb()
+
+
+def test_parquet_without_columns(tmp_path):
+    for split in ("train", "test"):
+        pd.DataFrame({"review": ["x"], "sentiment": [1]}).to_parquet(tmp_path / f"{split}.parquet")
+    with pytest.raises(ValueError, match="'text' and 'label'.*review"):
+        load_imdb(data_dir=tmp_path)
+
+
+def test_no_source_names_the_three_ways():
+    with pytest.raises(FileNotFoundError) as info:
+        load_imdb()
+    message = str(info.value)
+    assert "LORA_IMDB_DIR" in message and "data/imdb" in message.replace("\\", "/")
+    assert "aclImdb_v1.tar.gz" in message and "stanfordnlp/imdb" in message
+
+
+def test_balanced_seeded_subsets(parquet_dir, acl_dir):
+    a = load_imdb(n_train=4, n_test=2, seed=3, data_dir=parquet_dir, verbose=False)
+    b = load_imdb(n_train=4, n_test=2, seed=3, data_dir=parquet_dir, verbose=False)
+    assert a["train"]["text"] == b["train"]["text"] and a["test"]["text"] == b["test"]["text"]
+    assert sorted(a["train"]["label"]) == [0, 0, 1, 1] and sorted(a["test"]["label"]) == [0, 1]
+    seeds = {tuple(load_imdb(4, 2, seed=s, data_dir=parquet_dir, verbose=False)["train"]["text"]) for s in range(5)}
+    assert len(seeds) > 1
+
+
+def test_subset_ignores_file_order(tmp_path):
+    for folder, order in (("a", 1), ("b", -1)):
+        (tmp_path / folder).mkdir()
+        for split, k in (("train", 6), ("test", 3)):
+            rows = [(t, label) for label in (0, 1) for t in reviews(split, label, k)][::order]
+            pd.DataFrame(rows, columns=["text", "label"]).to_parquet(tmp_path / folder / f"{split}.parquet")
+    a, b = (load_imdb(4, 2, seed=1, data_dir=tmp_path / f, verbose=False) for f in "ab")
+    assert a["train"]["text"] == b["train"]["text"]
+
+
+def test_too_many_rows(parquet_dir):
+    with pytest.raises(ValueError, match=r"n_train=20.*has 12 \(6 negative, 6 positive\)"):
+        load_imdb(n_train=20, data_dir=parquet_dir)
+
+
+def test_cleaning(parquet_dir):
+    assert clean_text("Good.<br /><br />Bad.<BR/>Ugly<br>  end ") == "Good. Bad. Ugly end"
+    clean = load_imdb(data_dir=parquet_dir, verbose=False)
+    raw = load_imdb(data_dir=parquet_dir, clean=False, verbose=False)
+    assert not any("<br" in t for t in clean["train"]["text"])
+    assert all("<br />" in t for t in raw["train"]["text"])
+    assert "12 reviews" in describe_imdb(clean)
+
+
+def test_hub_reachable_honours_offline(monkeypatch):
+    assert hub_reachable() is False  # HF_HUB_OFFLINE=1 from the fixture
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
+    assert hub_reachable() is False
