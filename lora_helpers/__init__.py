@@ -10,12 +10,22 @@ module                introduced in
 ``svd``               01_svd_low_rank_intuition
 ``lora``              02_lora_linear_from_scratch
 ``adapters``          02_lora_linear_from_scratch
+``data``              03_lora_distilbert_imdb (load_imdb)
+``backbone``          03_lora_distilbert_imdb (load_backbone, the offline stand-in)
+``profiles``          03_lora_distilbert_imdb (smoke / cpu / gpu)
+``train``             03_lora_distilbert_imdb (training loop, evaluate, predict)
+``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns
 ====================  ========================================================
 """
 from .adapters import load_adapter, lora_state_dict, read_adapter, save_adapter
 from .lora import (LoRALinear, ParamCount, apply_lora, count_parameters, freeze_all_except, linear_names,
                    lora_layers, mark_only_lora_trainable, merge_and_unload, merge_lora, unmerge_lora)
+from .profiles import PROFILES, Profile, get_profile
 from .svd import energy_captured, low_rank_approx, plot_singular_values, truncated_svd
 from .utils import get_device, print_versions, set_seed, versions
 
 __version__ = "0.1.0"
+
+# The repository the notebooks' Colab badges and install cells point to. This is
+# the one place to change it (then run `python tools/set_repo_url.py` for a fork).
+REPO_URL = "https://github.com/learn-lora/lora-from-scratch"

@@ -1,0 +1,107 @@
+"""What does a weight update look like? Tools for the paper's Section 7.
+
+* ``weight_updates``: dW = W_finetuned - W_pretrained for chosen matrices;
+* ``random_like``: a Gaussian matrix with the same shape and Frobenius norm (a baseline);
+* ``top_directions`` / ``subspace_similarity``: the paper's Eq. 4,
+  phi(i, j) = ||U_i^T U_j||_F^2 / min(i, j), in [0, 1];
+* ``amplification``: how much dW amplifies directions that W already has (Table 7).
+
+Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``: is the full
+fine-tuning update low rank?) and used at length in notebook 05
+(``05_rank_and_what_lora_learns.ipynb``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .svd import energy_captured
+
+
+def weight_updates(pretrained_state: dict, model, suffixes=("q_lin.weight", "v_lin.weight")) -> dict:
+    """``{name: W_now - W_pretrained}`` for every weight whose name ends with a suffix.
+
+    ``pretrained_state`` is a copy of the state dict taken before training, e.g.
+    ``{k: v.clone() for k, v in model.state_dict().items()}``. LoRA layers count
+    with their effective weight ``W0 + scaling * B A`` (their ``base.`` prefix is
+    dropped from the name).
+    """
+    from .lora import lora_layers
+
+    layers = lora_layers(model)
+    current = {k: v for k, v in model.state_dict().items()
+               if not any(k.startswith(f"{name}.") for name in layers)}
+    for name, layer in layers.items():  # a LoRA layer counts with its effective weight
+        current[f"{name}.weight"] = layer.base.weight + (0 if layer.merged else layer.delta_weight())
+    updates = {}
+    for key, value in current.items():
+        if key.endswith(tuple(suffixes)) and key in pretrained_state and value.ndim == 2:
+            updates[key] = value.detach().float().cpu() - pretrained_state[key].float().cpu()
+    if not updates:
+        raise ValueError(f"no weight ends with {list(suffixes)}; examples of names: {list(pretrained_state)[:5]}")
+    return updates
+
+
+def random_like(M: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A Gaussian random matrix with the shape and Frobenius norm of ``M``."""
+    R = torch.randn(M.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (R * (M.double().norm() / R.norm())).to(M.dtype)
+
+
+def energy_in_top(M: torch.Tensor, k: int) -> float:
+    """Share of ``||M||_F^2`` held by the top ``k`` singular directions."""
+    S = torch.linalg.svdvals(M.double())
+    return float(energy_captured(S)[k - 1])
+
+
+def top_directions(M: torch.Tensor, k: int | None = None, side: str = "right") -> torch.Tensor:
+    """Orthonormal columns spanning the top-``k`` singular directions of ``M``.
+
+    ``side="right"``: the row space (for LoRA's ``A``, r x d_in, this is what the
+    paper compares); ``side="left"``: the column space (for ``B`` or a dW).
+    """
+    U, _, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    cols = Vh.T if side == "right" else U
+    return cols if k is None else cols[:, :k]
+
+
+def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor, i: int, j: int) -> float:
+    """phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j): 1 if one subspace contains the other, 0 if orthogonal."""
+    if not (1 <= i <= U1.shape[1] and 1 <= j <= U2.shape[1]):
+        raise ValueError(f"need 1 <= i <= {U1.shape[1]} and 1 <= j <= {U2.shape[1]}, got i={i}, j={j}")
+    overlap = U1[:, :i].double().T @ U2[:, :j].double()
+    return float(overlap.square().sum() / min(i, j))
+
+
+def subspace_similarity_grid(U1: torch.Tensor, U2: torch.Tensor, max_i: int | None = None,
+                             max_j: int | None = None) -> torch.Tensor:
+    """phi(i, j) for all i <= max_i, j <= max_j, as a matrix (rows i-1, columns j-1) for a heatmap."""
+    max_i, max_j = max_i or U1.shape[1], max_j or U2.shape[1]
+    overlap2 = (U1[:, :max_i].double().T @ U2[:, :max_j].double()).square()
+    cumulative = overlap2.cumsum(0).cumsum(1)  # entry (i-1, j-1) = ||U1_i^T U2_j||_F^2
+    i = torch.arange(1, max_i + 1).unsqueeze(1)
+    j = torch.arange(1, max_j + 1).unsqueeze(0)
+    return cumulative / torch.minimum(i, j)
+
+
+def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> dict:
+    """The paper's Table 7: how strongly ``dW`` amplifies directions of ``W``.
+
+    Projects W onto the top-r singular directions of dW (``||U^T W V||_F``)
+    and, for comparison, onto W's own top-r directions and onto a random r-dim
+    subspace. The amplification factor is ``||dW||_F / ||U^T W V||_F``.
+    """
+    W, dW = W.double(), dW.double()
+
+    def projected(U, V):
+        return float((U.T @ W @ V).norm())
+
+    U_d, _, Vh_d = torch.linalg.svd(dW, full_matrices=False)
+    U_w, _, Vh_w = torch.linalg.svd(W, full_matrices=False)
+    g = torch.Generator().manual_seed(seed)
+    U_r, _ = torch.linalg.qr(torch.randn(W.shape[0], r, generator=g, dtype=torch.float64))
+    V_r, _ = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g, dtype=torch.float64))
+    along_dW = projected(U_d[:, :r], Vh_d[:r].T)
+    return {"r": r, "norm_dW": float(dW.norm()), "norm_W": float(W.norm()),
+            "proj_on_dW": along_dW, "proj_on_W": projected(U_w[:, :r], Vh_w[:r].T),
+            "proj_on_random": projected(U_r, V_r),
+            "amplification": float(dW.norm()) / along_dW if along_dW > 0 else float("inf")}
