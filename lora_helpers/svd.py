@@ -5,6 +5,8 @@ notebooks 04 and 05 to ask whether a weight update is low rank.
 """
 from __future__ import annotations
 
+import numbers
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -17,8 +19,16 @@ def _as_matrix(W) -> torch.Tensor:
     return W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
 
 
+def _cpu_float64(S) -> torch.Tensor:
+    """A spectrum as a float64 CPU tensor, also from a trainable or GPU/MPS tensor (MPS has no float64)."""
+    if isinstance(S, torch.Tensor):
+        S = S.detach().cpu()
+    return torch.as_tensor(S, dtype=torch.float64)
+
+
 def _check_rank(r: int, W: torch.Tensor) -> None:
-    if not isinstance(r, int) or not 1 <= r <= min(W.shape):
+    # numbers.Integral also admits NumPy integers (e.g. a rank found with np.searchsorted); bool is not a rank.
+    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or not 1 <= r <= min(W.shape):
         raise ValueError(f"rank r must be an int in [1, {min(W.shape)}] for a {tuple(W.shape)} matrix, got {r!r}")
 
 
@@ -30,6 +40,7 @@ def truncated_svd(W, r: int):
     """
     W = _as_matrix(W)
     _check_rank(r, W)
+    r = int(r)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     return U[:, :r], S[:r], Vh[:r, :]
 
@@ -45,7 +56,7 @@ def energy_captured(S) -> torch.Tensor:
 
     ``energy_captured(S)[k - 1] == ||low_rank_approx(W, k)||_F^2 / ||W||_F^2``.
     """
-    S = torch.as_tensor(S, dtype=torch.float64)
+    S = _cpu_float64(S)
     energy = S.square().cumsum(0)
     return energy / energy[-1]
 
@@ -61,7 +72,7 @@ def plot_singular_values(spectra, ax=None, title="Singular values", normalize=Fa
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
     for label, S in spectra.items():
-        S = np.asarray(torch.as_tensor(S, dtype=torch.float64))[:max_k]
+        S = np.asarray(_cpu_float64(S))[:max_k]
         if normalize:
             S = S / S[0]
         ax.plot(np.arange(1, len(S) + 1), S, marker="." if len(S) <= 64 else None, label=label)
