@@ -100,13 +100,22 @@ def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
             problems.append(f"{name}: the adapter targets it, but the model has "
                             f"{'no such layer' if layer is None else type(layer).__name__}")
             continue
-        if isinstance(layer, LoRALinear) and layer.merged:
-            problems.append(f"{name} is merged: unmerge_lora(model) before loading another adapter")
+        if isinstance(layer, LoRALinear):
+            if layer.merged:
+                problems.append(f"{name} is merged: unmerge_lora(model) before loading another adapter")
+            # an already-wrapped layer keeps its own r and scaling: they must be the adapter's
+            ours = (layer.r, layer.lora_alpha, layer.use_rslora)
+            theirs = (config["r"], config["lora_alpha"], config.get("use_rslora", False))
+            if ours != theirs:
+                problems.append(f"{name} is wrapped with (r, lora_alpha, use_rslora) = {ours}, the adapter has "
+                                f"{theirs}: load into a model without LoRA (apply_lora is then done for you)")
         expected = {"lora_A": (config["r"], base.in_features), "lora_B": (base.out_features, config["r"])}
         for part, shape in expected.items():
-            got = tuple(tensors[f"{name}.{part}"].shape)
+            t = tensors.get(f"{name}.{part}")
+            got = None if t is None else tuple(t.shape)
             if got != shape:
-                problems.append(f"{name}.{part}: adapter has shape {got}, this model needs {shape}")
+                problems.append(f"{name}.{part}: adapter has " + ("no such tensor" if t is None else f"shape {got}")
+                                + f", this model needs {shape}")
     state = model.state_dict()
     for key, t in tensors.items():
         if key.endswith((".lora_A", ".lora_B")):

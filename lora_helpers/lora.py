@@ -175,19 +175,21 @@ def freeze_all_except(model: nn.Module, module_names: Iterable[str] = ()) -> lis
     module raises (a silently frozen classifier head trains nothing).
     """
     module_names = [module_names] if isinstance(module_names, str) else list(module_names)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    unfrozen = []
-    for t in module_names:
+    found = []
+    for t in module_names:  # resolve every name before freezing anything
         hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, [t])]
         if not hits:
             top = [n for n, _ in model.named_children()]
             raise ValueError(f"no module named {t!r} in {type(model).__name__}; top-level modules: {top}, "
                              f"Linear layers: {_summarise(linear_names(model))}")
-        for n, m in hits:
-            for p in m.parameters():
-                p.requires_grad_(True)
-            unfrozen.append(n)
+        found += hits
+    for p in model.parameters():
+        p.requires_grad_(False)
+    unfrozen = []
+    for n, m in found:
+        for p in m.parameters():
+            p.requires_grad_(True)
+        unfrozen.append(n)
     return unfrozen
 
 
