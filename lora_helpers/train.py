@@ -105,6 +105,11 @@ class TrainResult:
         return self.steps / self.wall_time_s if self.wall_time_s else 0.0
 
 
+def _bars_disabled() -> bool:
+    """``TQDM_DISABLE`` set? tqdm's notebook bar ignores the variable (it passes ``disable=False``), so we pass it on."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _autocast(device):
     """bf16 autocast where the GPU supports it, fp16 otherwise; nothing on CPU/MPS."""
     if device.type != "cuda":
@@ -133,7 +138,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float, epoc
         for epoch in range(epochs):
             start = time.perf_counter()  # wall time counts training steps, not evaluation
             model.train()
-            bar = tqdm(train_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+            bar = tqdm(train_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
+                       disable=_bars_disabled())
             for batch in bar:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with _autocast(device):

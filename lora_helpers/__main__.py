@@ -1,0 +1,175 @@
+"""Command line: train and evaluate one fine-tuning method without a notebook.
+
+    python -m lora_helpers train --method lora --profile smoke
+    python -m lora_helpers train --method head --profile cpu --out runs/head.json
+    python -m lora_helpers train --method lora --profile smoke --save-adapter runs/lora-smoke-adapter
+    python -m lora_helpers train --method lora --profile smoke --n-train 200 --max-length 64
+
+``train`` runs the same steps as notebook 03 (``03_lora_distilbert_imdb.ipynb``,
+via ``train.run_experiment``), prints a short summary and writes the metrics
+as JSON (default ``runs/<method>-<profile>.json``). Installed, the same entry
+point is the ``lora-helpers`` command.
+
+Adding a subcommand: write ``_cmd_<name>(args, parser)``, then register it in
+``build_parser`` with ``sub.add_parser``, ``add_profile_arguments`` (if it runs
+a profile) and ``set_defaults(func=_cmd_<name>)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .profiles import PROFILES, get_profile
+from .train import METHODS
+
+# Profile fields that a run can override from the command line (--n-train sets n_train, ...)
+PROFILE_OVERRIDES = ("n_train", "n_test", "max_length", "epochs", "seed", "backbone")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _size(text: str) -> int | str:
+    """A number of reviews, or ``all`` (the whole split; becomes ``None`` in the profile)."""
+    return "all" if text.lower() == "all" else _int_at_least(1)(text)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--profile`` plus the per-run overrides of its fields (shared by every subcommand that trains)."""
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="run profile (default: $LORA_PROFILE, else gpu when CUDA is available, else cpu)")
+    group = parser.add_argument_group("profile overrides (default: the profile's value)")
+    group.add_argument("--n-train", type=_size, metavar="N", help="training reviews, or 'all'")
+    group.add_argument("--n-test", type=_size, metavar="N", help="test reviews, or 'all'")
+    group.add_argument("--max-length", type=_int_at_least(1), metavar="L", help="tokens per review after truncation")
+    group.add_argument("--epochs", type=_int_at_least(1), metavar="E")
+    group.add_argument("--seed", type=_int_at_least(0), metavar="S")
+    group.add_argument("--backbone", metavar="NAME",
+                       help="'auto', 'distilbert-base-uncased', 'minilm-standin' or a folder with a saved DistilBERT")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps ... (default: the best available)")
+
+
+def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The chosen profile with the overrides given on the command line applied."""
+    overrides = {field: getattr(args, field) for field in PROFILE_OVERRIDES if getattr(args, field, None) is not None}
+    overrides = {k: None if v == "all" else v for k, v in overrides.items()}  # None: the whole split
+    try:
+        return get_profile(args.profile, **overrides)
+    except ValueError as err:  # e.g. a bad $LORA_PROFILE
+        parser.error(str(err))
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .adapters import save_adapter
+    from .data import load_imdb
+    from .train import run_experiment
+
+    if args.save_adapter and args.method not in ("lora", "lora-all"):
+        parser.error(f"--save-adapter needs a LoRA method (lora, lora-all), not {args.method!r}")
+    profile = profile_from_args(args, parser)
+    out = Path(args.out or f"runs/{args.method}-{profile.name}.json")
+    print(f"== {args.method}: {METHODS[args.method]}")
+    print(profile.summary())
+    start = time.perf_counter()
+    try:
+        data = load_imdb(profile.n_train, profile.n_test, seed=profile.seed)
+        run = run_experiment(args.method, profile, data=data, device=args.device)
+    except (FileNotFoundError, OSError, ValueError) as err:  # no data, no backbone, a split too small
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    wall = time.perf_counter() - start
+    m = run["metrics"]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(m, indent=2) + "\n")
+    n_test = sum(map(sum, m["confusion"]))
+    print(f"\n{args.method} on profile {profile.name!r}")
+    print(f"  backbone      : {m['backbone']}")
+    print(f"  device        : {m['device']}")
+    print(f"  test accuracy : {m['test_accuracy']:.3f} on {n_test:,} reviews (chance: 0.5)")
+    print(f"  trainable     : {m['trainable_params']:,} of {m['total_params']:,} parameters "
+          f"({m['trainable_percent']:.2f}%)" + (f", LoRA on {m['lora_layers']} layers" if m["lora_layers"] else ""))
+    print(f"  training time : {m['train_time_s']:.1f} s for {m['train_steps']} steps "
+          f"({m['s_per_step']:.2f} s/step); whole run {wall:.1f} s")
+    print(f"  peak memory   : {m['peak_memory_mib']:.0f} MiB ({m['memory_kind']})")
+    print(f"  metrics       : {out}")
+    if args.save_adapter:
+        folder = save_adapter(run["model"], args.save_adapter, extra=profile.head_modules)
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        print(f"  adapter       : {folder} ({size / 1024:.0f} KB)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Notebook 04's comparison (``compare.compare_methods``): a markdown table, and the rows as JSON."""
+    from .compare import compare_methods, results_json, results_table
+    from .data import load_imdb
+
+    profile = profile_from_args(args, parser)
+    out = Path(args.out or f"runs/compare-{profile.name}.json")
+    print(profile.summary())
+    try:
+        data = load_imdb(profile.n_train, profile.n_test, seed=profile.seed)
+        results = compare_methods(profile, methods=args.methods, data=data, device=args.device)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"\n{results['backbone']}, device {results['device']}; training memory = peak minus before, "
+          f"{results['rows'][0]['memory_kind']}\n")
+    print(results_table(results["rows"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results_json(results), indent=2) + "\n")
+    print(f"\nresults: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    prog = "lora-helpers" if Path(sys.argv[0]).name == "lora-helpers" else "python -m lora_helpers"
+    parser = argparse.ArgumentParser(prog=prog, description="LoRA from scratch: run the series' experiments "
+                                     "from the command line (offline: the stand-in backbone and local IMDb).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    methods = "\n".join(f"  {name:<9} {text}" for name, text in METHODS.items())
+    train = sub.add_parser("train", help="train and evaluate one method with one profile",
+                           description="Train and evaluate one fine-tuning method on IMDb, print a summary "
+                                       "and write the metrics as JSON.",
+                           epilog=f"methods:\n{methods}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--method", choices=list(METHODS), default="lora", help="fine-tuning method (default: lora)")
+    add_profile_arguments(train)
+    train.add_argument("--out", metavar="FILE", help="metrics JSON (default: runs/<method>-<profile>.json)")
+    train.add_argument("--save-adapter", metavar="DIR", help="also save the LoRA adapter (+ head) into DIR")
+    train.set_defaults(func=_cmd_train)
+
+    compare = sub.add_parser("compare", help="train several methods on the same data and compare them",
+                             description="Train each method from a fresh backbone on the same data (notebook 04) "
+                                         "and print a markdown table: accuracy, trainable parameters, time, "
+                                         "memory, checkpoint size, latency.")
+    compare.add_argument("--methods", nargs="+", choices=list(METHODS), default=["full", "lora", "head", "lora-all"],
+                         help="methods to compare (default: full lora head lora-all)")
+    add_profile_arguments(compare)
+    compare.add_argument("--out", metavar="FILE", help="results JSON (default: runs/compare-<profile>.json)")
+    compare.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m lora_helpers`` and of the ``lora-helpers`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

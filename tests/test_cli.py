@@ -1,0 +1,74 @@
+"""Tests of the command line, ``python -m lora_helpers`` (lora_helpers/__main__.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_helpers.__main__ import build_parser, main, profile_from_args
+from lora_helpers.adapters import CONFIG_NAME, WEIGHTS_NAME
+
+REPO = Path(__file__).resolve().parent.parent
+# offline, no progress bars; PASSIVE: idle OpenMP threads sleep instead of spinning (a busy machine stays usable)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+TINY = ["--n-train", "32", "--n-test", "32", "--max-length", "32"]
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "lora_helpers", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_writes_metrics_and_adapter(tmp_path):
+    run = cli("train", "--method", "lora", "--profile", "smoke", *TINY, "--out", str(tmp_path / "m.json"),
+              "--save-adapter", str(tmp_path / "adapter"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"method", "profile", "backbone", "device", "lr", "lora_layers", "trainable_params", "total_params",
+            "trainable_percent", "test_accuracy", "test_loss", "confusion", "train_steps", "train_time_s",
+            "s_per_step", "peak_memory_mib", "memory_kind", "final_train_loss"} <= set(m)
+    assert (m["method"], m["profile"], m["lora_layers"], m["train_steps"]) == ("lora", "smoke", 12, 2)  # 32 / 16
+    assert m["backbone"].startswith("minilm-standin")
+    assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0 and m["train_time_s"] > 0
+    assert sum(map(sum, m["confusion"])) == 32
+    assert m["test_accuracy"] == pytest.approx((m["confusion"][0][0] + m["confusion"][1][1]) / 32)
+    assert 0 < m["trainable_percent"] < 2
+    assert m["trainable_params"] == 12 * 8 * (384 + 384) + (384 * 384 + 384) + (384 * 2 + 2)  # LoRA + head
+    assert (tmp_path / "adapter" / WEIGHTS_NAME).is_file() and (tmp_path / "adapter" / CONFIG_NAME).is_file()
+    for words in ("test accuracy", "0.98%", "trainable", "minilm-standin"):
+        assert words in run.stdout, run.stdout
+    assert not (tmp_path / "runs").exists()  # --out was given
+
+
+def test_bad_method_fails_with_a_message(tmp_path):
+    run = cli("train", "--method", "qlora", "--profile", "smoke", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "invalid choice: 'qlora'" in run.stderr and "lora-all" in run.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--profile", "huge"], "invalid choice: 'huge'"),
+    (["train", "--n-train", "0"], "expected an integer >= 1"),
+    (["train", "--method", "head", "--save-adapter", "x"], "--save-adapter needs a LoRA method"),
+    ([], "required: COMMAND"),
+])
+def test_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_profile_overrides(monkeypatch):
+    monkeypatch.setenv("LORA_PROFILE", "smoke")
+    parser = build_parser()
+    profile = profile_from_args(parser.parse_args(["train", "--n-train", "all", "--epochs", "2", "--seed", "3"]),
+                                parser)
+    assert (profile.name, profile.n_train, profile.epochs, profile.seed) == ("smoke", None, 2, 3)
+    assert profile.n_test == 500 and profile.max_length == 128  # not given: the profile's own
+    args = parser.parse_args(["train", "--profile", "cpu", "--max-length", "64"])
+    assert (args.method, profile_from_args(args, parser).max_length) == ("lora", 64)

@@ -1,0 +1,243 @@
+"""Tests of lora_helpers.train (batching, the loop, evaluate, predict, the methods) and of get_profile.
+
+Small on purpose: the offline stand-in backbone, a few dozen IMDb reviews of at
+most 32 tokens, a handful of optimiser steps.
+"""
+import math
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_helpers import (PROFILES, count_parameters, get_profile, load_adapter, lora_layers, save_adapter,
+                          set_seed)
+from lora_helpers.backbone import load_backbone
+from lora_helpers.data import load_imdb
+from lora_helpers.train import (ALL_BLOCK_LINEARS, METHODS, encode, evaluate, make_batches, predict,
+                                prepare_method, train)
+
+SMOKE = PROFILES["smoke"]
+MAX_LENGTH = 32
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one thread is as fast, and does not fight other processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def imdb():
+    return load_imdb(32, 32, seed=0, verbose=False)
+
+
+def backbone(seed=0):
+    """A fresh stand-in DistilBERT classifier (new head from ``seed``) and its tokenizer."""
+    model, tokenizer, _ = load_backbone("minilm-standin", seed=seed, verbose=False)
+    return model, tokenizer
+
+
+def head_params(model):
+    return sum(p.numel() for name in SMOKE.head_modules for p in model.get_submodule(name).parameters())
+
+
+# ------------------------------------------------------------------ batching
+
+def test_make_batches_pads_each_batch_to_its_longest_row():
+    ids, labels = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15]], [0, 1, 0, 1, 1]
+    batches = make_batches(ids, labels, batch_size=2, pad_id=0)
+    assert [b["input_ids"].shape[1] for b in batches] == [3, 4, 1]  # dynamic: not one global width
+    first = batches[0]
+    assert first["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert first["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batches[1]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert [b["labels"].tolist() for b in batches] == [[0, 1], [0, 1], [1]]
+    assert all(b["input_ids"].dtype == b["attention_mask"].dtype == torch.long for b in batches)
+
+
+def test_make_batches_shuffle_is_a_seeded_permutation():
+    ids = [[100 + i] * (1 + i % 3) for i in range(20)]
+    labels = [i % 2 for i in range(20)]
+
+    def order(**kw):
+        return [row[0] - 100 for b in make_batches(ids, labels, 4, pad_id=0, **kw) for row in b["input_ids"].tolist()]
+
+    assert order() == list(range(20))
+    shuffled = order(shuffle=True, seed=1)
+    assert sorted(shuffled) == list(range(20)) and shuffled != list(range(20))
+    assert order(shuffle=True, seed=1) == shuffled  # same seed, same order
+    assert order(shuffle=True, seed=2) != shuffled
+    # every label still travels with its review
+    for b in make_batches(ids, labels, 4, pad_id=0, shuffle=True, seed=1):
+        assert [(row[0] - 100) % 2 for row in b["input_ids"].tolist()] == b["labels"].tolist()
+
+
+def test_encode_truncates(imdb):
+    _, tokenizer = backbone()
+    ids = encode(imdb["train"]["text"][:4], tokenizer, MAX_LENGTH)
+    assert len(ids) == 4 and all(2 < len(row) <= MAX_LENGTH for row in ids)
+    assert all(row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id for row in ids)
+
+
+# ------------------------------------------------------------------ evaluate
+
+class Stub(nn.Module):
+    """Predicts ``input_ids[:, 0] % 2`` with logit margin 2: a model whose accuracy we can work out by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(num_labels=2)
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = 2.0 * F.one_hot(input_ids[:, 0] % 2, 2).float()
+        return types.SimpleNamespace(logits=logits, loss=F.cross_entropy(logits, labels))
+
+
+def test_evaluate_against_a_hand_computed_case():
+    # predictions 0, 1, 1, 0, 1 against labels 0, 1, 0, 1, 1: right, right, wrong, wrong, right
+    ids, labels = [[2], [3], [5], [4], [7]], [0, 1, 0, 1, 1]
+    out = evaluate(Stub(), make_batches(ids, labels, batch_size=2, pad_id=0), device="cpu")
+    assert out["n"] == 5
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    # rows: true label, columns: prediction
+    assert out["confusion"] == [[1, 1],
+                                [1, 2]]
+    right, wrong = math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))  # cross-entropy with margin 2
+    assert out["loss"] == pytest.approx((3 * right + 2 * wrong) / 5, rel=1e-6)  # per review, not per batch
+
+
+# ------------------------------------------------------------------ the training loop
+
+def test_train_lowers_the_loss_and_moves_only_trainable_weights(imdb):
+    set_seed(0, num_threads=None)
+    model, tokenizer = backbone()
+    prepare_method(model, "lora", SMOKE)
+    ids = encode(imdb["train"]["text"][:8], tokenizer, MAX_LENGTH)
+    batch = make_batches(ids, imdb["train"]["label"][:8], 8, tokenizer.pad_token_id)[0]
+    frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
+    trainable = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    result = train(model, [batch] * 12, lr=1e-3, warmup_ratio=0.1, device="cpu")  # overfit one batch
+
+    assert result.steps == len(result.losses) == 12 and result.evals == []
+    assert result.wall_time_s > 0 and result.steps_per_s > 0
+    assert all(math.isfinite(x) for x in result.losses)
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < first - 0.1, result.losses
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in frozen.items())  # W0 and embeddings untouched
+    assert all(not torch.equal(params[k], v) for k, v in trainable.items())  # every A, B and the head moved
+
+
+def test_train_refuses_a_model_with_nothing_trainable():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, [], lr=1e-3, device="cpu")
+
+
+# ------------------------------------------------------------------ methods
+
+def test_prepare_method_trainable_counts():
+    expected_lr = {"full": SMOKE.lr_full, "head": SMOKE.lr_head, "lora": SMOKE.lr_lora, "lora-all": SMOKE.lr_lora}
+    for method in METHODS:
+        set_seed(0, num_threads=None)
+        model, _ = backbone()
+        total = count_parameters(model).total
+        lr, names = prepare_method(model, method, SMOKE)
+        count, head = count_parameters(model), head_params(model)
+        layers = lora_layers(model)
+        lora = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())
+        assert lr == expected_lr[method], method
+        assert count.total == total + lora, method  # LoRA adds A and B, nothing else
+        if method == "full":
+            assert count.trainable == count.total and names == []
+        elif method == "head":
+            assert count.trainable == head == 384 * 384 + 384 + 384 * 2 + 2 and names == []
+        elif method == "lora":
+            assert len(names) == 12 and all(n.rsplit(".", 1)[1] in SMOKE.target_modules for n in names)
+            assert {layer.r for layer in layers.values()} == {SMOKE.r}
+            assert lora == 12 * SMOKE.r * (384 + 384)
+            assert count.trainable == lora + head
+            assert count.percent < 2
+        else:  # lora-all: every Linear of the 6 blocks at r/2, same alpha/r
+            assert len(names) == 36 and {n.rsplit(".", 1)[1] for n in names} == set(ALL_BLOCK_LINEARS)
+            assert {layer.r for layer in layers.values()} == {SMOKE.r // 2}
+            assert {layer.scaling for layer in layers.values()} == {SMOKE.lora_alpha / SMOKE.r}
+            assert lora == 6 * (SMOKE.r // 2) * (4 * 768 + 2 * (384 + 1536))
+            assert count.trainable == lora + head
+
+
+def test_prepare_method_unknown_method():
+    model, _ = backbone()
+    with pytest.raises(ValueError, match="unknown method 'qlora'"):
+        prepare_method(model, "qlora", SMOKE)
+
+
+# ------------------------------------------------------------------ predict
+
+def test_predict_output_format():
+    model, tokenizer = backbone()
+    out = predict(model, tokenizer, ["A wonderful film.", "Dull and far too long, I left early."],
+                  max_length=MAX_LENGTH, device="cpu")
+    assert len(out) == 2
+    for row in out:
+        assert set(row) == {"label", "sentiment", "p_positive"}
+        assert 0.0 <= row["p_positive"] <= 1.0
+        assert row["label"] == int(row["p_positive"] > 0.5)
+        assert row["sentiment"] == ("positive" if row["label"] == 1 else "negative")
+
+
+# ------------------------------------------------------------------ adapters on the real classifier
+
+def test_adapter_round_trip_on_the_distilbert_classifier(tmp_path, imdb):
+    set_seed(0, num_threads=None)
+    model, tokenizer = backbone(seed=0)
+    prepare_method(model, "lora", SMOKE)
+    with torch.no_grad():  # stands in for training: B non-zero, the head changed
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.05)
+        model.classifier.weight.add_(0.1)
+    save_adapter(model, tmp_path / "adapter", extra=SMOKE.head_modules)
+
+    fresh, _ = backbone(seed=1)  # another head: it must come from the adapter
+    load_adapter(fresh, tmp_path / "adapter")
+    batch = make_batches(encode(imdb["test"]["text"][:4], tokenizer, MAX_LENGTH), [0, 1, 0, 1], 4,
+                         tokenizer.pad_token_id)[0]
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected, got = model.eval()(**batch).logits, fresh.eval()(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert set(lora_layers(fresh)) == set(lora_layers(model))
+
+
+# ------------------------------------------------------------------ profiles
+
+def test_get_profile_env_overrides_and_errors(monkeypatch):
+    monkeypatch.setenv("LORA_PROFILE", "cpu")
+    assert get_profile().name == "cpu"
+    assert get_profile("smoke").name == "smoke"  # an argument beats the variable
+    small = get_profile("smoke", n_train=10, max_length=32)
+    assert (small.n_train, small.max_length, small.n_test) == (10, 32, SMOKE.n_test)
+    assert PROFILES["smoke"].n_train == 1000  # the registry is untouched
+    with pytest.raises(ValueError, match="unknown profile 'tiny'"):
+        get_profile("tiny")
+    monkeypatch.setenv("LORA_PROFILE", "nope")
+    with pytest.raises(ValueError, match="LORA_PROFILE"):
+        get_profile()
+    monkeypatch.delenv("LORA_PROFILE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_profile().name == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_profile().name == "gpu"
+    with pytest.raises(TypeError):
+        get_profile("smoke", no_such_field=1)
