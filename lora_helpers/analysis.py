@@ -4,6 +4,7 @@
 * ``random_like``: a Gaussian matrix with the same shape and Frobenius norm (a baseline);
 * ``top_directions`` / ``subspace_similarity``: the paper's Eq. 4,
   phi(i, j) = ||U_i^T U_j||_F^2 / min(i, j), in [0, 1];
+* ``expected_random_similarity``: phi between random subspaces, the baseline for Eq. 4;
 * ``amplification``: how much dW amplifies directions that W already has (Table 7).
 
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``: is the full
@@ -81,6 +82,19 @@ def subspace_similarity_grid(U1: torch.Tensor, U2: torch.Tensor, max_i: int | No
     i = torch.arange(1, max_i + 1).unsqueeze(1)
     j = torch.arange(1, max_j + 1).unsqueeze(0)
     return cumulative / torch.minimum(i, j)
+
+
+def expected_random_similarity(d: int, i: int, j: int) -> float:
+    """The mean of phi(i, j) between two *random* subspaces of R^d (dims i and j): ``max(i, j) / d``.
+
+    For uniformly random orthonormal U_i and U_j, E ||U_i^T U_j||_F^2 = i j / d,
+    so phi = i j / (d min(i, j)) = max(i, j) / d. This is the level a measured
+    phi must clear to mean anything: near 0 in GPT-3's d = 12,288, but
+    64 / 384 = 0.17 for j = 64 in a 384-wide model.
+    """
+    if not (1 <= i <= d and 1 <= j <= d):
+        raise ValueError(f"need 1 <= i, j <= d, got d={d}, i={i}, j={j}")
+    return max(i, j) / d
 
 
 def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> dict:
