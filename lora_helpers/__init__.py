@@ -20,8 +20,11 @@ module                introduced in
 from .adapters import load_adapter, lora_state_dict, read_adapter, save_adapter
 from .lora import (LoRALinear, ParamCount, apply_lora, count_parameters, freeze_all_except, linear_names,
                    lora_layers, mark_only_lora_trainable, merge_and_unload, merge_lora, unmerge_lora)
+from .backbone import BACKBONES, load_backbone
+from .data import load_imdb
 from .profiles import PROFILES, Profile, get_profile
 from .svd import energy_captured, low_rank_approx, plot_singular_values, truncated_svd
+from .train import evaluate, predict, run_experiment, train
 from .utils import get_device, print_versions, set_seed, versions
 
 __version__ = "0.1.0"
