@@ -24,7 +24,7 @@ from .backbone import BACKBONES, load_backbone
 from .data import load_imdb
 from .profiles import PROFILES, Profile, get_profile
 from .svd import energy_captured, low_rank_approx, plot_singular_values, truncated_svd
-from .train import evaluate, predict, run_experiment, train
+from .train import evaluate, predict, run_experiment
 from .utils import get_device, print_versions, set_seed, versions
 
 __version__ = "0.1.0"
