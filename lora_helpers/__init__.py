@@ -30,5 +30,5 @@ from .utils import get_device, print_versions, set_seed, versions
 __version__ = "0.1.0"
 
 # The repository the notebooks' Colab badges and install cells point to. This is
-# the one place to change it (then run `python tools/set_repo_url.py` for a fork).
+# the one place to change it (a placeholder until the project has its public home).
 REPO_URL = "https://github.com/learn-lora/lora-from-scratch"
