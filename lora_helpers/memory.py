@@ -1,0 +1,231 @@
+"""What training holds in memory: weights, gradients, optimizer state and activations.
+
+Four parts make up the memory of a training step:
+
+* **weights** - every parameter, trained or frozen;
+* **gradients** - one per *trainable* parameter;
+* **optimizer state** - AdamW keeps two running averages (``exp_avg``,
+  ``exp_avg_sq``) per *trainable* parameter (plus a step counter per tensor);
+* **activations** - what the forward pass saves for the backward pass. They
+  grow with batch size x sequence length and depend on which parameters
+  train, so they are **measured**, never given by formula here.
+
+LoRA shrinks the second and third parts to almost nothing (only ``A``, ``B``
+and the head train); the weights stay. This module gives
+
+* ``training_memory_formula(n_params_total, n_trainable, ...)`` - the first
+  three parts by arithmetic, in bytes;
+* ``measure_training_memory(model, batch, ...)`` - all four, measured on a real
+  training step in PyTorch;
+* ``lora_trainable_params(...)``, ``PAPER_MODELS`` and ``paper_scaling_table(...)``
+  - the same arithmetic for DistilBERT (66M) and a 7B model, on paper, with
+  the precision assumptions spelled out in ``PRECISIONS``.
+
+Introduced in notebook 06 (``06_adapters_in_practice.ipynb``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+MiB, GiB = 2**20, 2**30
+
+# running averages an optimizer keeps per trainable parameter
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0}
+
+ACTIVATIONS_NOTE = ("activations are not in the formula: they scale with batch size x sequence length x layers "
+                    "(and shrink with gradient checkpointing), so they are measured")
+
+
+def _states(optimizer: str) -> int:
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {sorted(OPTIMIZER_STATES)}")
+    return OPTIMIZER_STATES[optimizer]
+
+
+def training_memory_formula(n_params_total: int, n_trainable: int, bytes_per_param: int = 4,
+                            optimizer: str = "adamw", *, grad_bytes: int | None = None,
+                            state_bytes: int | None = None, master_weights: bool = False) -> dict:
+    """Bytes of weights, gradients and optimizer state for one model, by arithmetic.
+
+    Args:
+        n_params_total: every parameter (frozen and trainable).
+        n_trainable: parameters that get a gradient (all for full fine-tuning; A, B and the head for LoRA).
+        bytes_per_param: storage of the weights (4 fp32, 2 fp16/bf16).
+        optimizer: ``"adamw"``/``"adam"`` (2 states), ``"sgd-momentum"`` (1), ``"sgd"`` (0).
+        grad_bytes: bytes per gradient entry; default ``bytes_per_param`` (PyTorch stores a
+            gradient in its parameter's dtype).
+        state_bytes: bytes per optimizer-state entry; default ``bytes_per_param`` (what
+            ``torch.optim.AdamW`` does); mixed-precision recipes keep them in fp32 (4).
+        master_weights: mixed precision keeps an fp32 copy of each trainable weight for the
+            update; counted in the optimizer state (4 bytes per trainable parameter), as in ZeRO.
+
+    Returns ``{"weights", "gradients", "optimizer_state", "total"}`` in bytes. PyTorch's
+    AdamW also keeps one step counter per parameter tensor (4 bytes each), left out
+    here. Activations are not included: see ``ACTIVATIONS_NOTE``.
+    """
+    if not 0 <= n_trainable <= n_params_total:
+        raise ValueError(f"need 0 <= n_trainable <= n_params_total, got {n_trainable:,} and {n_params_total:,}")
+    grad_bytes = bytes_per_param if grad_bytes is None else grad_bytes
+    state_bytes = bytes_per_param if state_bytes is None else state_bytes
+    out = {"weights": n_params_total * bytes_per_param,
+           "gradients": n_trainable * grad_bytes,
+           "optimizer_state": n_trainable * (_states(optimizer) * state_bytes + (4 if master_weights else 0))}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ------------------------------------------------------------------ measurement
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr())
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a tensor shared or viewed twice counts once)."""
+    seen = {}
+    for t in tensors:
+        seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def _default_loss(model: nn.Module, batch) -> torch.Tensor:
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    return out.loss if hasattr(out, "loss") else out
+
+
+def measure_training_memory(model: nn.Module, batch, optimizer: str = "adamw", lr: float = 1e-4,
+                            loss_fn: Callable | None = None) -> dict:
+    """Measure, in bytes, what PyTorch holds for one training step of ``model`` on ``batch``.
+
+    * ``weights``: the distinct storages of all parameters;
+    * ``activations``: the tensors autograd saves during the forward pass for the
+      backward pass (caught with ``torch.autograd.graph.saved_tensors_hooks``),
+      counted once per storage, leaving out parameters and the batch's own
+      tensors. This is what the forward pass adds and keeps alive until
+      ``backward``; temporaries freed during the forward and the backward
+      pass's own buffers are not in it;
+    * ``gradients``: ``p.grad`` of every parameter after ``backward``;
+    * ``optimizer_state``: every tensor in the optimizer's state after one
+      ``step`` (AdamW: ``exp_avg``, ``exp_avg_sq`` and a 4-byte ``step`` per tensor).
+
+    ``batch`` is a dict of tensors for a Hugging Face model (with ``labels``) or
+    one tensor; ``loss_fn(model, batch)`` overrides how the loss is computed
+    (default: ``model(**batch).loss``, or the output itself). The model runs in
+    training mode (dropout on, as in training) and is left as it was: weights
+    restored after the step, gradients cleared, mode reset.
+    """
+    n_states = _states(optimizer)
+    params = [p for p in model.parameters()]
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters: nothing to measure (mark some with requires_grad)")
+    if any(p.grad is not None for p in params):
+        raise ValueError("some parameters already hold gradients: call model.zero_grad(set_to_none=True) first")
+    batch_tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
+    excluded = {_storage_key(t) for t in params + [t for t in batch_tensors if torch.is_tensor(t)]}
+
+    saved: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in excluded:
+            saved.setdefault(key, t.untyped_storage().nbytes())
+        return t
+
+    was_training = model.training
+    snapshot = [p.detach().clone() for p in trainable]
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = (loss_fn or _default_loss)(model, batch)
+        loss.backward()
+        gradients = _storage_bytes(p.grad for p in params if p.grad is not None)
+        if n_states == 2:
+            opt = torch.optim.AdamW(trainable, lr=lr)
+        else:
+            opt = torch.optim.SGD(trainable, lr=lr, momentum=0.9 if n_states == 1 else 0.0)
+        opt.step()
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        optimizer_state = _storage_bytes(state)
+    finally:
+        with torch.no_grad():
+            for p, old in zip(trainable, snapshot):
+                p.copy_(old)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    out = {"weights": _storage_bytes(params), "gradients": gradients, "optimizer_state": optimizer_state,
+           "activations": sum(saved.values())}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ------------------------------------------------------------------ on paper
+
+def lora_trainable_params(n_layers: int, d_in: int, d_out: int | None = None, r: int = 8,
+                          matrices_per_layer: int = 2, head_params: int = 0) -> int:
+    """LoRA's trainable parameters: ``r (d_in + d_out)`` per adapted matrix, plus a trained head.
+
+    The paper's GLUE setting adapts ``W_q`` and ``W_v`` (``matrices_per_layer=2``) of every layer.
+    """
+    d_out = d_in if d_out is None else d_out
+    return n_layers * matrices_per_layer * r * (d_in + d_out) + head_params
+
+
+@dataclass(frozen=True)
+class PaperModel:
+    """The sizes the arithmetic needs (parameter counts are those of the published checkpoints)."""
+    name: str
+    n_params: int           # all parameters, head included
+    n_layers: int
+    d_model: int
+    head_params: int = 0    # a new task head trained alongside LoRA (0 for a language model)
+
+
+PAPER_MODELS = {
+    # DistilBertForSequenceClassification with 2 labels: 66,362,880 backbone + 592,130 head
+    "distilbert": PaperModel("DistilBERT-base, 2-label head", 66_955_010, 6, 768,
+                             head_params=768 * 768 + 768 + 768 * 2 + 2),
+    # a LLaMA-2-7B-shaped decoder (32 layers, d_model 4096), no new head
+    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096),
+}
+
+# name -> (description, formula keyword arguments)
+PRECISIONS = {
+    "fp32": ("fp32 weights, gradients and AdamW states (4 bytes each); what torch does on a CPU",
+             dict(bytes_per_param=4)),
+    "mixed": ("bf16/fp16 weights and gradients (2 bytes), fp32 AdamW states and an fp32 master copy of each "
+              "trained weight (4 + 4 + 4 bytes): the usual mixed-precision recipe, 16 bytes per trained parameter",
+              dict(bytes_per_param=2, grad_bytes=2, state_bytes=4, master_weights=True)),
+}
+
+
+def paper_scaling_table(models: Iterable[str] = ("distilbert", "7b"), r: int = 8,
+                        precisions: Iterable[str] = ("fp32", "mixed")) -> list[dict]:
+    """Rows ``{model, method, precision, n_params, n_trainable, weights, gradients, optimizer_state, total}``.
+
+    Full fine-tuning vs LoRA (rank ``r`` on ``W_q``, ``W_v`` of every layer,
+    plus the model's head), computed with ``training_memory_formula`` under
+    each assumption of ``PRECISIONS`` (bytes). LoRA's few trainable
+    parameters are counted at the same precision as the rest; activations are
+    not included (``ACTIVATIONS_NOTE``).
+    """
+    rows = []
+    for key in models:
+        m = PAPER_MODELS[key]
+        lora = lora_trainable_params(m.n_layers, m.d_model, r=r, head_params=m.head_params)
+        for precision in precisions:
+            kwargs = PRECISIONS[precision][1]
+            for method, n_total, n_trainable in (("full", m.n_params, m.n_params),
+                                                 (f"LoRA r={r}", m.n_params + lora - m.head_params, lora)):
+                rows.append({"model": m.name, "method": method, "precision": precision, "n_params": n_total,
+                             "n_trainable": n_trainable, **training_memory_formula(n_total, n_trainable, **kwargs)})
+    return rows
+
+
+__all__ = ["training_memory_formula", "measure_training_memory", "lora_trainable_params", "paper_scaling_table",
+           "PAPER_MODELS", "PRECISIONS", "OPTIMIZER_STATES", "ACTIVATIONS_NOTE", "PaperModel", "MiB", "GiB"]

@@ -1,0 +1,108 @@
+"""lora_helpers.memory: the formula against hand arithmetic, the measurement against hand-counted tensors."""
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_helpers import apply_lora, count_parameters, mark_only_lora_trainable
+from lora_helpers.memory import (PAPER_MODELS, GiB, lora_trainable_params, measure_training_memory,
+                                 paper_scaling_table, training_memory_formula)
+
+
+def test_formula_fp32_adamw_by_hand():
+    # 1,000 parameters, 10 trainable, fp32: weights 4,000 B; gradients 40 B; AdamW m and v 2 x 40 B
+    assert training_memory_formula(1000, 10) == {"weights": 4000, "gradients": 40, "optimizer_state": 80,
+                                                 "total": 4120}
+
+
+def test_formula_optimizers_and_precisions():
+    assert training_memory_formula(100, 100, optimizer="sgd")["optimizer_state"] == 0
+    assert training_memory_formula(100, 100, optimizer="sgd-momentum")["optimizer_state"] == 400
+    # mixed precision: 2 B weights and gradients, fp32 m, v and master copy: 2 + 2 + 12 = 16 B per parameter
+    mixed = training_memory_formula(100, 100, bytes_per_param=2, grad_bytes=2, state_bytes=4, master_weights=True)
+    assert mixed == {"weights": 200, "gradients": 200, "optimizer_state": 1200, "total": 1600}
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        training_memory_formula(10, 1, optimizer="lion")
+    with pytest.raises(ValueError, match="n_trainable"):
+        training_memory_formula(10, 11)
+
+
+def test_lora_trainable_params_known_counts():
+    # PEFT's well-known print for LLaMA-2-7B with r=8 on q_proj, v_proj: 4,194,304 trainable
+    assert lora_trainable_params(32, 4096, r=8) == 4_194_304
+    # DistilBERT, r=8 on q_lin, v_lin: 6 layers x 2 x 8 x (768 + 768), plus the 592,130-parameter head
+    assert lora_trainable_params(6, 768, r=8, head_params=PAPER_MODELS["distilbert"].head_params) == 147_456 + 592_130
+
+
+def test_paper_table_7b():
+    rows = {(r["model"].split()[0], r["method"], r["precision"]): r for r in paper_scaling_table()}
+    full = rows[("7B", "full", "mixed")]
+    assert full["total"] == 16 * 6_738_415_616  # 2 + 2 + 4 + 4 + 4 bytes per parameter
+    lora = rows[("7B", "LoRA r=8", "mixed")]
+    assert lora["n_params"] == 6_742_609_920 and lora["n_trainable"] == 4_194_304
+    assert lora["weights"] == 2 * 6_742_609_920 and lora["gradients"] == 2 * 4_194_304
+    assert 12 < lora["total"] / GiB < 13 < 100 < full["total"] / GiB < 101
+    dist = rows[("DistilBERT-base,", "full", "fp32")]
+    assert dist["total"] == 16 * 66_955_010  # 4 + 4 + 2 x 4
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def test_measurement_by_hand():
+    net, x = _tiny_net(), torch.randn(8, 10)
+    before = [p.detach().clone() for p in net.parameters()]
+    m = measure_training_memory(net, x, loss_fn=lambda model, batch: model(batch).sum())
+    n = 10 * 6 + 6 + 6 * 2 + 2  # 80 parameters in 4 tensors
+    assert m["weights"] == 4 * n
+    assert m["gradients"] == 4 * n
+    assert m["optimizer_state"] == 2 * 4 * n + 4 * 4  # exp_avg, exp_avg_sq, and a 4-byte step per tensor
+    # saved for backward: the ReLU output (8 x 6 floats), which the second Linear also saves (same storage,
+    # counted once). The input x and the weights are saved too, but are not activations.
+    assert m["activations"] == 8 * 6 * 4
+    assert m["total"] == m["weights"] + m["gradients"] + m["optimizer_state"] + m["activations"]
+    # the model is left as it was
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_measurement_frozen_first_layer():
+    net, x = _tiny_net(), torch.randn(8, 10)
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    m = measure_training_memory(net, x, optimizer="sgd", loss_fn=lambda model, batch: model(batch).sum())
+    assert m["weights"] == 4 * 80
+    assert m["gradients"] == 4 * (6 * 2 + 2)
+    assert m["optimizer_state"] == 0  # plain SGD keeps no state
+    # the frozen layer's output needs no gradient, so ReLU saves nothing; the second Linear saves its input
+    assert m["activations"] == 8 * 6 * 4
+
+
+def test_measurement_matches_formula_for_lora():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 3))
+    apply_lora(net, ["0", "2"], r=2, lora_alpha=4)
+    mark_only_lora_trainable(net, extra_trainable=["3"])
+    was_training = net.training
+    net.eval()
+    c = count_parameters(net)
+    m = measure_training_memory(net, torch.randn(4, 16), loss_fn=lambda model, batch: model(batch).square().mean())
+    f = training_memory_formula(c.total, c.trainable)
+    n_tensors = sum(1 for p in net.parameters() if p.requires_grad)
+    assert (m["weights"], m["gradients"]) == (f["weights"], f["gradients"])
+    assert m["optimizer_state"] == f["optimizer_state"] + 4 * n_tensors
+    assert m["activations"] > 0
+    assert not net.training and was_training  # mode restored (eval here)
+
+
+def test_measurement_refuses_bad_input():
+    net = _tiny_net()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        measure_training_memory(net, torch.randn(2, 10), loss_fn=lambda model, batch: model(batch).sum())
+    net = _tiny_net()
+    net(torch.randn(2, 10)).sum().backward()
+    with pytest.raises(ValueError, match="already hold gradients"):
+        measure_training_memory(net, torch.randn(2, 10), loss_fn=lambda model, batch: model(batch).sum())
