@@ -15,6 +15,10 @@ module                introduced in
 ``profiles``          03_lora_distilbert_imdb (smoke / cpu / gpu)
 ``train``             03_lora_distilbert_imdb (training loop, evaluate, predict)
 ``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns
+``compare``           04_lora_vs_full_finetuning
+``experiments``       05_rank_and_what_lora_learns
+``peft_interop``      06_adapters_in_practice
+``memory``            06_adapters_in_practice
 ====================  ========================================================
 """
 from .adapters import load_adapter, lora_state_dict, read_adapter, save_adapter
@@ -29,6 +33,8 @@ from .utils import get_device, print_versions, set_seed, versions
 
 __version__ = "0.1.0"
 
-# The repository the notebooks' Colab badges and install cells point to. This is
-# the one place to change it (a placeholder until the project has its public home).
+# The repository the notebooks' Colab badges and install cells point to: the one
+# place it is defined (a placeholder until the project has its public home).
+# `python tools/set_repo_url.py https://github.com/OWNER/REPO` changes it here and
+# in every badge, install cell and the README, in one go.
 REPO_URL = "https://github.com/learn-lora/lora-from-scratch"

@@ -1,0 +1,227 @@
+"""Every notebook is ready for Colab, JupyterLab and GitHub (docs/NOTEBOOK_CONVENTIONS.md).
+
+Checked on each ``notebooks/NN_*.ipynb`` that exists: the Colab badge (first
+cell) and the guarded install cell (second cell) point to
+``lora_helpers.REPO_URL``; the versions cell comes third; the notebook was
+executed top to bottom in one kernel; no errors, stderr, widgets or figure
+reprs in the saved outputs; no editor metadata; a reasonable size. Also tests
+``tools/set_repo_url.py`` on a copy of the files it rewrites.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_helpers import REPO_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+MAX_BYTES = 2 * 2**20
+BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
+ALLOWED_NOTEBOOK_METADATA = {"kernelspec", "language_info"}
+EDITOR_CELL_METADATA = {"colab", "id", "outputId", "executionInfo", "execution", "vscode", "pycharm"}
+
+
+def slug(url: str) -> str:
+    """``OWNER/REPO`` of a GitHub URL."""
+    m = re.fullmatch(r"https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?/?", url)
+    assert m, f"REPO_URL {url!r} is not https://github.com/OWNER/REPO"
+    return m.group(1)
+
+
+def source(cell) -> str:
+    s = cell["source"]
+    return "".join(s) if isinstance(s, list) else s
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- the checks (reused on a rewritten copy)
+
+def check_badge(nb: dict, name: str, repo_url: str) -> None:
+    first = nb["cells"][0]
+    assert first["cell_type"] == "markdown", "the first cell must be markdown: title, Colab badge, what you learn"
+    text = source(first)
+    number = name[:2]
+    assert re.match(rf"# {number} · \S", text), f"the first line must be the title '# {number} · ...'"
+    link = f"https://colab.research.google.com/github/{slug(repo_url)}/blob/main/notebooks/{name}"
+    badge = f"[![Open In Colab]({BADGE_IMAGE})]({link})"
+    assert badge in text, f"the first cell lacks the Colab badge for this notebook:\n  {badge}"
+    others = set(re.findall(r"colab\.research\.google\.com/github/[^)\s\"]+", text)) - {link.removeprefix("https://")}
+    assert not others, f"a Colab link points elsewhere: {sorted(others)}"
+
+
+def check_install_cell(nb: dict, repo_url: str) -> None:
+    cell = nb["cells"][1]
+    assert cell["cell_type"] == "code", "the second cell must be the (code) Colab install cell"
+    lines = [line for line in source(cell).splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert "import sys" in lines, "the install cell must `import sys`"
+    guard = [i for i, line in enumerate(lines) if line.strip() == 'if "google.colab" in sys.modules:']
+    assert guard, 'the install cell must be guarded by `if "google.colab" in sys.modules:`'
+    pips = [line for line in lines[guard[0] + 1:] if "pip install" in line]
+    assert pips and all(line.startswith((" ", "\t")) for line in pips), "the pip install must be inside the guard"
+    assert not any("pip install" in line for line in lines[:guard[0]]), "no install outside the guard"
+    assert any(f"git+{repo_url}" in line and line.strip().startswith("%pip") for line in pips), \
+        f"the install cell must `%pip install` from git+{repo_url}"
+    assert not cell.get("outputs"), "the install cell prints nothing outside Colab"
+
+
+def check_versions_cell(nb: dict) -> None:
+    cell = nb["cells"][2]
+    text = source(cell)
+    assert cell["cell_type"] == "code" and "print_versions()" in text, "the third cell prints the versions"
+    assert text.lstrip().startswith("# NBVAL_IGNORE_OUTPUT"), "the versions cell is marked # NBVAL_IGNORE_OUTPUT"
+
+
+def check_executed_in_order(nb: dict) -> None:
+    counts = [(i, c.get("execution_count")) for i, c in enumerate(nb["cells"])
+              if c["cell_type"] == "code" and source(c).strip()]
+    missing = [i for i, n in counts if n is None]
+    assert not missing, (f"code cells {missing} were not executed (nbval does not compare them): "
+                         "run tools/execute_notebooks.sh")
+    numbers = [n for _, n in counts]
+    assert numbers and numbers[0] == 1, f"execution must start at 1 in a fresh kernel, found {numbers[:1]}"
+    back = [(counts[k][0], numbers[k - 1], numbers[k]) for k in range(1, len(numbers)) if numbers[k] <= numbers[k - 1]]
+    assert not back, f"cells executed out of order (cell, previous count, count): {back[:5]}"
+
+
+def check_outputs(nb: dict) -> None:
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        intended = "NBVAL_RAISES_EXCEPTION" in source(cell)
+        for out in cell.get("outputs", []):
+            kind = out["output_type"]
+            if kind == "error":
+                assert intended, f"cell {i} saved an error: {out.get('ename')}: {out.get('evalue')}"
+            if kind == "stream":
+                assert out.get("name") != "stderr", (f"cell {i} wrote to stderr (a warning or a progress bar): "
+                                                     f"{''.join(out.get('text', ''))[:200]!r}")
+            if kind in ("execute_result", "display_data"):
+                data = out.get("data", {})
+                text = "".join(data.get("text/plain", ""))
+                # a figure shown by plt.show() carries a "<Figure size ...>" text next to its image: fine.
+                # Alone, or a matplotlib object as a cell's value, it is noise.
+                assert "application/vnd.jupyter.widget-view+json" not in data, (
+                    f"cell {i} saved a widget (a progress bar?): without widget state GitHub shows an error there")
+                noise = (text.startswith("<Figure size") and not any(k.startswith("image/") for k in data)) \
+                    or text.lstrip("[").startswith("<matplotlib.")
+                assert not noise, f"cell {i} prints {text[:60]!r}: end plotting cells with plt.show()"
+
+
+def check_metadata(nb: dict) -> None:
+    extra = set(nb.get("metadata", {})) - ALLOWED_NOTEBOOK_METADATA
+    assert not extra, f"notebook metadata {sorted(extra)} (Colab/VS Code?): run tools/clean_notebook.py"
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", "kernelspec must be python3"
+    for i, cell in enumerate(nb["cells"]):
+        bad = set(cell.get("metadata", {})) & EDITOR_CELL_METADATA
+        assert not bad, f"cell {i} carries editor metadata {sorted(bad)}: run tools/clean_notebook.py"
+
+
+# ---------------------------------------------------------------- the notebooks as they are
+
+if not NOTEBOOKS:
+    pytest.skip("no notebooks yet", allow_module_level=True)
+
+by_name = pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+
+
+@by_name
+def test_colab_badge(path):
+    check_badge(load(path), path.name, REPO_URL)
+
+
+@by_name
+def test_install_cell(path):
+    check_install_cell(load(path), REPO_URL)
+
+
+@by_name
+def test_versions_cell(path):
+    check_versions_cell(load(path))
+
+
+@by_name
+def test_executed_top_to_bottom(path):
+    check_executed_in_order(load(path))
+
+
+@by_name
+def test_clean_outputs(path):
+    check_outputs(load(path))
+
+
+@by_name
+def test_no_editor_metadata(path):
+    check_metadata(load(path))
+
+
+@by_name
+def test_file_size(path):
+    size = path.stat().st_size
+    assert size < MAX_BYTES, f"{path.name} is {size / 2**20:.1f} MB (images included); keep it under 2 MB"
+
+
+# ---------------------------------------------------------------- tools/set_repo_url.py, on a copy
+
+def _copy_checkout(tmp_path: Path) -> Path:
+    root = tmp_path / "fork"
+    (root / "lora_helpers").mkdir(parents=True)
+    shutil.copy(ROOT / "lora_helpers" / "__init__.py", root / "lora_helpers" / "__init__.py")
+    shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for name in ("README.md", "pyproject.toml"):
+        if (ROOT / name).is_file():
+            shutil.copy(ROOT / name, root / name)
+    return root
+
+
+def _set_url(root: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "set_repo_url.py"), *args, "--root", str(root)],
+                            capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_set_repo_url_rewrites_badges_install_cells_and_repo_url(tmp_path):
+    root = _copy_checkout(tmp_path)
+    files = [root / "lora_helpers" / "__init__.py"] + sorted((root / "notebooks").glob("*.ipynb"))
+    before = {p: p.read_bytes() for p in files + [root / n for n in ("README.md",) if (root / n).is_file()]}
+    new_url = "https://github.com/someone-else/my-lora-fork"
+    out = _set_url(root, new_url + ".git")  # a clone URL is accepted too
+    assert "someone-else/my-lora-fork" in out
+
+    init = (root / "lora_helpers" / "__init__.py").read_text()
+    assert f'REPO_URL = "{new_url}"' in init and REPO_URL not in init
+    for path in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"):
+        nb = load(path)
+        check_badge(nb, path.name, new_url)
+        check_install_cell(nb, new_url)
+        # only the URLs changed: same cells, same outputs
+        old = json.loads(before[path])
+        assert len(nb["cells"]) == len(old["cells"])
+        assert [c.get("outputs") for c in nb["cells"][2:]] == [c.get("outputs") for c in old["cells"][2:]]
+    readme = root / "README.md"
+    if readme.is_file() and slug(REPO_URL) in before[readme].decode():
+        assert slug(REPO_URL) not in readme.read_text() and "someone-else/my-lora-fork" in readme.read_text()
+
+    # back to the original URL: every file byte for byte as before
+    _set_url(root, REPO_URL)
+    assert all(p.read_bytes() == content for p, content in before.items())
+
+
+def test_set_repo_url_branch_and_dry_run(tmp_path):
+    root = _copy_checkout(tmp_path)
+    nb_path = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))[0]
+    original = nb_path.read_bytes()
+    out = _set_url(root, "https://github.com/a/b", "--dry-run")
+    assert "would change" in out and nb_path.read_bytes() == original
+    _set_url(root, "https://github.com/a/b", "--branch", "dev")
+    assert f"colab.research.google.com/github/a/b/blob/dev/notebooks/{nb_path.name}" in nb_path.read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "set_repo_url.py"), "gitlab.com/a/b", "--root",
+                          str(root)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "expected a GitHub repository URL" in bad.stderr
