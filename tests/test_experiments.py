@@ -64,7 +64,10 @@ def test_rank_for_budget_exact_counts():
 def test_study_profile_scales_from_the_profile():
     smoke, gpu = get_profile("smoke"), get_profile("gpu")
     assert study_profile(smoke).max_length == 64 and study_profile(smoke).n_train == smoke.n_train
-    assert study_profile(gpu) == gpu  # full size unchanged
+    study_gpu = study_profile(gpu)  # all the reviews, shorter and fewer passes
+    assert (study_gpu.n_train, study_gpu.n_test) == (gpu.n_train, gpu.n_test) and study_gpu.n_train is None
+    assert (study_gpu.max_length, study_gpu.epochs) == (256, 1)
+    assert study_gpu.replace(max_length=gpu.max_length, epochs=gpu.epochs) == gpu  # nothing else changed
     assert study_profile(smoke, n_train=10).n_train == 10
 
 
