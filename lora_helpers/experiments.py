@@ -17,13 +17,13 @@ Introduced in notebook 05 (``05_rank_and_what_lora_learns.ipynb``). It offers
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .lora import LoRALinear, _matches, apply_lora, linear_names, lora_layers, mark_only_lora_trainable
+from .lora import (LoRALinear, _matches, _summarise, apply_lora, count_parameters, linear_names, lora_layers,
+                   mark_only_lora_trainable)
 from .profiles import Profile
 from .train import encode, evaluate, make_batches, train
 from .utils import get_device, set_seed
@@ -41,14 +41,19 @@ TARGET_SETS = {
 # ------------------------------------------------------------------ parameter budgets
 
 def _target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
-    """``{name: nn.Linear}`` for every plain Linear layer (or LoRA base) whose name ends with a target."""
+    """``{name: nn.Linear}`` for every plain Linear layer (or LoRA base) whose name ends with a target.
+
+    Every target must match at least one layer (a typo is an error, not a smaller count).
+    """
     targets = [targets] if isinstance(targets, str) else list(targets)
     modules = dict(model.named_modules())
-    found = {n: modules[n] for n in linear_names(model) if _matches(n, targets)}
-    found.update({n: layer.base for n, layer in lora_layers(model).items() if _matches(n, targets)})
-    if not found:
-        raise ValueError(f"targets {targets} match no nn.Linear in {type(model).__name__}")
-    return found
+    linears = {n: modules[n] for n in linear_names(model)}
+    linears.update({n: layer.base for n, layer in lora_layers(model).items()})
+    missing = [t for t in targets if not any(_matches(n, [t]) for n in linears)]
+    if missing or not targets:
+        raise ValueError(f"targets {missing or targets} match no nn.Linear in {type(model).__name__}. "
+                         f"Linear layers here: {_summarise(sorted(linears))}")
+    return {n: m for n, m in linears.items() if _matches(n, targets)}
 
 
 def lora_param_count(model: nn.Module, targets, r: int) -> int:
@@ -232,18 +237,16 @@ def train_lora_variant(profile: Profile, batches: StudyData, targets, r: int, al
     mark_only_lora_trainable(model, extra_trainable=profile.head_modules)
     initial = lora_factors(model)
     lora_params = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = count_parameters(model).trainable
     set_seed(seed)  # the same dropout masks whatever happened before
-    start = time.perf_counter()
     result = train(model, batches.train_batches(seed), None, lr=profile.lr_lora, epochs=profile.epochs,
                    warmup_ratio=profile.warmup_ratio, weight_decay=profile.weight_decay,
                    max_grad_norm=profile.max_grad_norm, device=device, desc=name)
-    elapsed = time.perf_counter() - start
     final = evaluate(model, batches.test_batches, device)
     out = VariantResult(name=name, targets=targets, r=r, lora_alpha=alpha, scaling=next(iter(layers.values())).scaling,
                         seed=seed, init=init, rslora=rslora, lora_params=lora_params, trainable_params=trainable,
                         accuracy=final["accuracy"], test_loss=final["loss"], losses=result.losses,
-                        steps=result.steps, train_time_s=elapsed, factors=lora_factors(model),
+                        steps=result.steps, train_time_s=result.wall_time_s, factors=lora_factors(model),
                         initial_factors=initial)
     if verbose:
         print(out.line())

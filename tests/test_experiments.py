@@ -61,6 +61,12 @@ def test_rank_for_budget_exact_counts():
         rank_for_budget(model, ["nothing"], 100)
 
 
+def test_a_target_that_matches_nothing_is_an_error_naming_the_layers():
+    # one typo among good targets must not silently shrink the count
+    with pytest.raises(ValueError, match=r"\['v_lni'\] match no nn.Linear.*q_lin"):
+        lora_param_count(Tiny(), ["q_lin", "v_lni"], 4)
+
+
 def test_study_profile_scales_from_the_profile():
     smoke, gpu = get_profile("smoke"), get_profile("gpu")
     assert study_profile(smoke).max_length == 64 and study_profile(smoke).n_train == smoke.n_train
