@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from lora_helpers import apply_lora, get_profile, lora_layers, mark_only_lora_trainable, merge_and_unload  # noqa: E402
 from lora_helpers.backbone import load_backbone  # noqa: E402
-from lora_helpers.train import PeakMemory, prepare_method  # noqa: E402
+from lora_helpers.loop import PeakMemory, prepare_method  # noqa: E402
 from lora_helpers.utils import versions  # noqa: E402
 
 THREADS = 2

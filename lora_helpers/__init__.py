@@ -13,7 +13,7 @@ module                introduced in
 ``data``              03_lora_distilbert_imdb (load_imdb)
 ``backbone``          03_lora_distilbert_imdb (load_backbone, the offline stand-in)
 ``profiles``          03_lora_distilbert_imdb (smoke / cpu / gpu)
-``train``             03_lora_distilbert_imdb (training loop, evaluate, predict)
+``loop``              03_lora_distilbert_imdb (the training loop ``train``, evaluate, predict)
 ``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns
 ``compare``           04_lora_vs_full_finetuning
 ``experiments``       05_rank_and_what_lora_learns
@@ -28,7 +28,7 @@ from .backbone import BACKBONES, load_backbone
 from .data import load_imdb
 from .profiles import PROFILES, Profile, get_profile
 from .svd import energy_captured, low_rank_approx, plot_singular_values, truncated_svd
-from .train import evaluate, predict, run_experiment
+from .loop import evaluate, predict, run_experiment, train
 from .utils import get_device, print_versions, set_seed, versions
 
 __version__ = "0.1.0"

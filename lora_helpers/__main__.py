@@ -6,7 +6,7 @@
     python -m lora_helpers train --method lora --profile smoke --n-train 200 --max-length 64
 
 ``train`` runs the same steps as notebook 03 (``03_lora_distilbert_imdb.ipynb``,
-via ``train.run_experiment``), prints a short summary and writes the metrics
+via ``loop.run_experiment``), prints a short summary and writes the metrics
 as JSON (default ``runs/<method>-<profile>.json``). Installed, the same entry
 point is the ``lora-helpers`` command.
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .profiles import PROFILES, get_profile
-from .train import METHODS
+from .loop import METHODS
 
 # Profile fields that a run can override from the command line (--n-train sets n_train, ...)
 PROFILE_OVERRIDES = ("n_train", "n_test", "max_length", "epochs", "seed", "backbone")
@@ -74,7 +74,7 @@ def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .adapters import save_adapter
     from .data import load_imdb
-    from .train import run_experiment
+    from .loop import run_experiment
 
     if args.save_adapter and args.method not in ("lora", "lora-all"):
         parser.error(f"--save-adapter needs a LoRA method (lora, lora-all), not {args.method!r}")

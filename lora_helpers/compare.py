@@ -29,7 +29,7 @@ from .adapters import lora_state_dict, save_adapter
 from .analysis import (energy_in_top, expected_random_similarity, random_like, subspace_similarity, top_directions,
                        weight_updates)
 from .backbone import load_backbone
-from .train import METHODS, PeakMemory, encode, make_batches, run_experiment
+from .loop import METHODS, PeakMemory, encode, make_batches, run_experiment
 from .utils import get_device
 
 UPDATE_SUFFIXES = ("q_lin.weight", "v_lin.weight")  # the matrices whose update we analyse
@@ -81,7 +81,7 @@ def inference_latency_ms(model, batch: dict, repeats: int = 5, warmup: int = 2) 
 
 def compare_methods(profile, methods=("full", "lora", "head", "lora-all"), data=None, verbose=True,
                     device=None, latency_repeats: int = 5) -> dict:
-    """Train and evaluate each method with ``train.run_experiment`` on the same data and backbone.
+    """Train and evaluate each method with ``loop.run_experiment`` on the same data and backbone.
 
     Every run starts from a fresh backbone loaded with the same seed. Per method, one row:
     trainable parameters, test accuracy, training time, s/step, memory, checkpoint bytes,

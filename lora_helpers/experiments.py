@@ -25,7 +25,7 @@ import torch.nn as nn
 from .lora import (LoRALinear, _matches, _summarise, apply_lora, count_parameters, linear_names, lora_layers,
                    mark_only_lora_trainable)
 from .profiles import Profile
-from .train import encode, evaluate, make_batches, train
+from .loop import encode, evaluate, make_batches, train
 from .utils import get_device, set_seed
 
 # The paper's Table 5 compares subsets of {W_q, W_k, W_v, W_o}; we add the feed-forward pair too.

@@ -133,7 +133,7 @@ def tiny_data(n_train=32, n_test=16, length=10, seed=0):
 
     train_ids, train_labels = reviews(n_train)
     test_ids, test_labels = reviews(n_test)
-    from lora_helpers.train import make_batches
+    from lora_helpers.loop import make_batches
     return StudyData(train_ids, train_labels, make_batches(test_ids, test_labels, 8, 0), batch_size=8, pad_id=0)
 
 

@@ -1,4 +1,4 @@
-"""Tests of lora_helpers.train (batching, the loop, evaluate, predict, the methods) and of get_profile.
+"""Tests of lora_helpers.loop (batching, the loop, evaluate, predict, the methods) and of get_profile.
 
 Small on purpose: the offline stand-in backbone, a few dozen IMDb reviews of at
 most 32 tokens, a handful of optimiser steps.
@@ -15,7 +15,7 @@ from lora_helpers import (PROFILES, count_parameters, get_profile, load_adapter,
                           set_seed)
 from lora_helpers.backbone import load_backbone
 from lora_helpers.data import load_imdb
-from lora_helpers.train import (ALL_BLOCK_LINEARS, METHODS, encode, evaluate, make_batches, predict,
+from lora_helpers.loop import (ALL_BLOCK_LINEARS, METHODS, encode, evaluate, make_batches, predict,
                                 prepare_method, train)
 
 SMOKE = PROFILES["smoke"]
