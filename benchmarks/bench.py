@@ -33,7 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from lora_helpers import apply_lora, get_profile, lora_layers, mark_only_lora_trainable, merge_and_unload  # noqa: E402
 from lora_helpers.backbone import load_backbone  # noqa: E402
-from lora_helpers.loop import PeakMemory, prepare_method  # noqa: E402
+from lora_helpers.loop import train_step  # noqa: E402
+from lora_helpers.memory import PeakMemory  # noqa: E402
+from lora_helpers.methods import method_spec, prepare_method  # noqa: E402
+from lora_helpers.runner import default_lr  # noqa: E402
 from lora_helpers.utils import versions  # noqa: E402
 
 THREADS = 2
@@ -74,16 +77,23 @@ def make_batch(tokenizer, batch_size: int, seq_len: int) -> dict:
 
 
 def trainer(model, lr: float):
-    """One training step as a function: forward + backward + AdamW step on the trainable parameters."""
+    """One training step of the series' loop as a function (``loop.train_step``: forward, backward,
+    gradient clipping, AdamW step on the trainable parameters), on the CPU in float32."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # float32 on the CPU: a pass-through
     model.train()
 
     def step(batch):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, batch, optimizer, scaler, params, 1.0, "cpu")
     return step
+
+
+def prepared(model, method: str, profile) -> float:
+    """Prepare ``model`` for ``method`` (methods.prepare_method); returns the method's learning rate."""
+    spec = method_spec(method, profile)
+    prepare_method(model, spec, profile.head_modules)
+    return default_lr(spec, profile)
 
 
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
@@ -121,7 +131,7 @@ def memory_child(backbone: str, method: str, batch: dict, steps: int) -> dict:
     torch.set_num_threads(THREADS)
     torch.nn.Linear(8, 8)(torch.randn(2, 8)).sum().backward()  # one-time autograd set-up, not billed to the method
     model, _, _ = load_backbone(backbone, seed=0, verbose=False)
-    lr, _ = prepare_method(model, method, get_profile("smoke", backbone=backbone))
+    lr = prepared(model, method, get_profile("smoke", backbone=backbone))
     step, batch = trainer(model, lr), {k: torch.tensor(v) for k, v in batch.items()}
     before = rss_now_mib()
     with PeakMemory("cpu") as peak:
@@ -140,7 +150,7 @@ def bench_training(base, batch, cfg, backbone) -> tuple[dict, dict]:
     steps = {}
     for method in TRAIN_METHODS:
         model = copy.deepcopy(base)
-        lr, _ = prepare_method(model, method, profile)
+        lr = prepared(model, method, profile)
         steps[method] = functools.partial(trainer(model, lr), batch)
     times = interleaved(steps, cfg["train_repeats"], cfg["warmup"])
     del steps

@@ -15,6 +15,8 @@ module                introduced in
 ``profiles``          03_lora_distilbert_imdb (smoke / cpu / gpu)
 ``loop``              03_lora_distilbert_imdb (the training loop ``train``, evaluate, predict)
 ``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns
+``methods``           04_lora_vs_full_finetuning (the method registry: full, lora, lora-all, head)
+``runner``            04_lora_vs_full_finetuning (one training run of any method; sweeps; McNemar)
 ``compare``           04_lora_vs_full_finetuning
 ``experiments``       05_rank_and_what_lora_learns
 ``peft_interop``      06_adapters_in_practice
@@ -28,7 +30,9 @@ from .backbone import BACKBONES, load_backbone
 from .data import load_imdb
 from .profiles import PROFILES, Profile, get_profile
 from .svd import energy_captured, low_rank_approx, plot_singular_values, truncated_svd
-from .loop import evaluate, predict, run_experiment, train
+from .loop import evaluate, predict, train
+from .methods import METHODS, MethodSpec, method_spec, prepare_method
+from .runner import load_splits, run, tokenize
 from .utils import get_device, print_versions, set_seed, versions
 
 __version__ = "0.1.0"

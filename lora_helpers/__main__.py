@@ -4,11 +4,15 @@
     python -m lora_helpers train --method head --profile cpu --out runs/head.json
     python -m lora_helpers train --method lora --profile smoke --save-adapter runs/lora-smoke-adapter
     python -m lora_helpers train --method lora --profile smoke --n-train 200 --max-length 64
+    python -m lora_helpers compare --profile smoke --seeds 3 --sweep
 
-``train`` runs the same steps as notebook 03 (``03_lora_distilbert_imdb.ipynb``,
-via ``loop.run_experiment``), prints a short summary and writes the metrics
-as JSON (default ``runs/<method>-<profile>.json``). Installed, the same entry
-point is the ``lora-helpers`` command.
+``train`` runs one method through ``runner.run`` (the runner of notebooks 03-05):
+train on the training split, validation scored as it goes, the test split once at
+the end; it prints a short summary and writes the metrics as JSON (default
+``runs/<method>-<profile>.json``). ``compare`` is notebook 04's comparison
+(``compare.compare_methods``): with ``--sweep`` each method's learning rate is first
+chosen on the validation split. Installed, the same entry point is the
+``lora-helpers`` command.
 
 Adding a subcommand: write ``_cmd_<name>(args, parser)``, then register it in
 ``build_parser`` with ``sub.add_parser``, ``add_profile_arguments`` (if it runs
@@ -22,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from .methods import METHODS
 from .profiles import PROFILES, get_profile
-from .loop import METHODS
 
 # Profile fields that a run can override from the command line (--n-train sets n_train, ...)
-PROFILE_OVERRIDES = ("n_train", "n_test", "max_length", "epochs", "seed", "backbone")
+PROFILE_OVERRIDES = ("n_train", "n_val", "n_test", "max_length", "epochs", "seed", "backbone")
 
 
 def _int_at_least(minimum: int):
@@ -52,6 +56,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run profile (default: $LORA_PROFILE, else gpu when CUDA is available, else cpu)")
     group = parser.add_argument_group("profile overrides (default: the profile's value)")
     group.add_argument("--n-train", type=_size, metavar="N", help="training reviews, or 'all'")
+    group.add_argument("--n-val", type=_int_at_least(2), metavar="N",
+                       help="validation reviews, held out of the training split")
     group.add_argument("--n-test", type=_size, metavar="N", help="test reviews, or 'all'")
     group.add_argument("--max-length", type=_int_at_least(1), metavar="L", help="tokens per review after truncation")
     group.add_argument("--epochs", type=_int_at_least(1), metavar="E")
@@ -71,26 +77,40 @@ def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(str(err))
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .adapters import save_adapter
-    from .data import load_imdb
-    from .loop import run_experiment
+    from .backbone import load_backbone
+    from .methods import method_spec
+    from .runner import load_splits, run, tokenize
 
     if args.save_adapter and args.method not in ("lora", "lora-all"):
         parser.error(f"--save-adapter needs a LoRA method (lora, lora-all), not {args.method!r}")
     profile = profile_from_args(args, parser)
+    spec = method_spec(args.method, profile)
     out = Path(args.out or f"runs/{args.method}-{profile.name}.json")
-    print(f"== {args.method}: {METHODS[args.method]}")
+    print(f"== {spec.summary()}")
     print(profile.summary())
     start = time.perf_counter()
     try:
-        data = load_imdb(profile.n_train, profile.n_test, seed=profile.seed)
-        run = run_experiment(args.method, profile, data=data, device=args.device)
+        _, tokenizer, _ = load_backbone(profile.backbone, seed=profile.seed, verbose=False)
+        data = tokenize(load_splits(profile), tokenizer, profile)
+        result = run(spec, data, profile, lr=args.lr, head_lr=args.head_lr, test=True, device=args.device,
+                     keep_model=bool(args.save_adapter))
     except (FileNotFoundError, OSError, ValueError) as err:  # no data, no backbone, a split too small
         print(f"error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
-    m = run["metrics"]
+    m = result.metrics()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(m, indent=2) + "\n")
@@ -98,6 +118,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print(f"\n{args.method} on profile {profile.name!r}")
     print(f"  backbone      : {m['backbone']}")
     print(f"  device        : {m['device']}")
+    print(f"  learning rate : {m['lr']:g} (method), {m['head_lr']:g} (head)")
+    print(f"  validation    : {m['val_accuracy']:.3f} on {data.n_val:,} reviews held out of the training split")
     print(f"  test accuracy : {m['test_accuracy']:.3f} on {n_test:,} reviews (chance: 0.5)")
     print(f"  trainable     : {m['trainable_params']:,} of {m['total_params']:,} parameters "
           f"({m['trainable_percent']:.2f}%)" + (f", LoRA on {m['lora_layers']} layers" if m["lora_layers"] else ""))
@@ -106,32 +128,39 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print(f"  peak memory   : {m['peak_memory_mib']:.0f} MiB ({m['memory_kind']})")
     print(f"  metrics       : {out}")
     if args.save_adapter:
-        folder = save_adapter(run["model"], args.save_adapter, extra=profile.head_modules)
+        folder = save_adapter(result.model, args.save_adapter, extra=profile.head_modules)
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         print(f"  adapter       : {folder} ({size / 1024:.0f} KB)")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Notebook 04's comparison (``compare.compare_methods``): a markdown table, and the rows as JSON."""
-    from .compare import compare_methods, results_json, results_table
-    from .data import load_imdb
+    """Notebook 04's comparison (``compare.compare_methods``): a markdown table, and everything as JSON."""
+    from .compare import SWEEP_LRS, compare_methods, method_costs, results_json, results_table, summary_rows
 
     profile = profile_from_args(args, parser)
     out = Path(args.out or f"runs/compare-{profile.name}.json")
     print(profile.summary())
+    lrs = {m: SWEEP_LRS[m] for m in args.methods} if args.sweep else None
+    start = time.perf_counter()
     try:
-        data = load_imdb(profile.n_train, profile.n_test, seed=profile.seed)
-        results = compare_methods(profile, methods=args.methods, data=data, device=args.device)
+        results = compare_methods(profile, methods=args.methods, seeds=range(args.seeds), lrs=lrs, device=args.device)
+        costs = method_costs(profile, args.methods)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"\n{results['backbone']}, device {results['device']}; training memory = peak minus before, "
-          f"{results['rows'][0]['memory_kind']}\n")
-    print(results_table(results["rows"]))
+    wall = time.perf_counter() - start
+    print(f"\n{results['backbone']}, device {results['device']}; {results['n_train']:,} training, "
+          f"{results['n_val']:,} validation, {results['n_test']:,} test reviews; {args.seeds} seeds\n")
+    print(results_table(summary_rows(results, costs)))
+    saved = results_json(results, costs)
+    saved["command"] = "python -m lora_helpers " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    saved["wall_time_s"] = wall
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results_json(results), indent=2) + "\n")
-    print(f"\nresults: {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(saved, indent=1) + "\n")
+    tmp.replace(out)  # atomic: a failed write never destroys an earlier result
+    print(f"\nresults: {out} ({wall / 60:.1f} min)")
     return 0
 
 
@@ -148,16 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=f"methods:\n{methods}", formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--method", choices=list(METHODS), default="lora", help="fine-tuning method (default: lora)")
     add_profile_arguments(train)
+    train.add_argument("--lr", type=_positive_float, metavar="LR",
+                       help="the method's own learning rate (default: the profile's, tuned on validation)")
+    train.add_argument("--head-lr", type=_positive_float, metavar="LR",
+                       help="the new head's learning rate (default: the profile's lr_head)")
     train.add_argument("--out", metavar="FILE", help="metrics JSON (default: runs/<method>-<profile>.json)")
     train.add_argument("--save-adapter", metavar="DIR", help="also save the LoRA adapter (+ head) into DIR")
     train.set_defaults(func=_cmd_train)
 
     compare = sub.add_parser("compare", help="train several methods on the same data and compare them",
-                             description="Train each method from a fresh backbone on the same data (notebook 04) "
-                                         "and print a markdown table: accuracy, trainable parameters, time, "
-                                         "memory, checkpoint size, latency.")
-    compare.add_argument("--methods", nargs="+", choices=list(METHODS), default=["full", "lora", "head", "lora-all"],
-                         help="methods to compare (default: full lora head lora-all)")
+                             description="Train each method from a fresh backbone on the same data with several "
+                                         "seeds (notebook 04), test each once, and print a markdown table: "
+                                         "accuracy mean ± sd, McNemar's test against full fine-tuning.")
+    compare.add_argument("--methods", nargs="+", choices=list(METHODS), default=["full", "lora", "lora-all", "head"],
+                         help="methods to compare (default: full lora lora-all head)")
+    compare.add_argument("--seeds", type=_int_at_least(1), default=3, metavar="N",
+                         help="train every method with seeds 0 .. N-1 (default: 3)")
+    compare.add_argument("--sweep", action="store_true",
+                         help="first choose each method's learning rate on the validation split "
+                              "(compare.SWEEP_LRS; the head-only sweep sets the head rate of every method)")
     add_profile_arguments(compare)
     compare.add_argument("--out", metavar="FILE", help="results JSON (default: runs/compare-<profile>.json)")
     compare.set_defaults(func=_cmd_compare)
@@ -168,6 +206,7 @@ def main(argv=None) -> int:
     """Entry point of ``python -m lora_helpers`` and of the ``lora-helpers`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args, parser)
 
 

@@ -1,8 +1,16 @@
-"""LoRA against full fine-tuning: what each method costs, what it reaches, what its update looks like.
+"""LoRA against full fine-tuning, fairly: tuned rates, several seeds, a paired test, and a look at the update.
 
-* ``compare_methods``: train "full", "lora", "head", "lora-all" on the same data from the same
-  backbone and measure each (accuracy, trainable parameters, time, memory, checkpoint, latency);
-* ``results_table`` / ``plot_comparison`` / ``plot_training_curves``: show the results;
+* ``compare_methods``: every method trains on the same reviews from the same backbone through
+  ``runner.run``; optionally each method's own learning rate is first chosen on the validation
+  split (``lrs``: a small sweep per method; the head-only sweep picks the head rate that every
+  method then shares); the chosen rates are trained with several seeds and scored on the test
+  split once;
+* ``summary_rows`` / ``results_table`` / ``paired_tests``: mean ± sd over seeds, and McNemar's
+  test of each method against full fine-tuning on the shared test reviews, per seed;
+* ``plot_sweep`` / ``plot_val_curves`` / ``plot_accuracy``: the sweep, the validation curves, the
+  accuracies per seed;
+* ``checkpoint_bytes`` / ``optimizer_bytes``: what each method must save and what its gradients
+  and AdamW states weigh (exact, from the shapes);
 * ``low_rank_report`` / ``plot_update_spectra`` / ``plot_low_rank_report``: is the full
   fine-tuning update dW low rank, and does LoRA's B A point the same way (paper Section 7)?
 
@@ -11,12 +19,8 @@ Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``); also
 """
 from __future__ import annotations
 
-import ctypes
-import gc
-import os
-import statistics
+import copy
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,135 +30,179 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import lora_state_dict, save_adapter
-from .analysis import (energy_in_top, expected_random_similarity, random_like, subspace_similarity, top_directions,
-                       weight_updates)
+from .analysis import (energy_in_top, expected_random_similarity, random_like, subspace_similarity, top_directions)
 from .backbone import load_backbone
-from .loop import METHODS, PeakMemory, encode, make_batches, run_experiment
+from .lora import count_parameters
+from .methods import method_spec, prepare_method
+from .runner import best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
 from .utils import get_device
 
-UPDATE_SUFFIXES = ("q_lin.weight", "v_lin.weight")  # the matrices whose update we analyse
-CHECKPOINT_WHAT = {"full": "whole model state", "lora": "LoRA A, B + head", "lora-all": "LoRA A, B + head",
-                   "head": "head only"}
+CHECKPOINT_WHAT = {"full": "whole model state", "lora": "LoRA A, B + head", "head": "head only"}
+
+# The learning rates ``python -m lora_helpers compare --sweep`` tries, per method, half a decade
+# apart. Full fine-tuning moves every pretrained weight; LoRA's B starts at zero and its update is
+# scaled by alpha / r, so its good rates sit about 10x higher (Thinking Machines, "LoRA Without
+# Regret", 2025); the head, trained from scratch on frozen features, tolerates the highest.
+SWEEP_LRS = {"full": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3), "lora-all": (3e-4, 1e-3, 3e-3),
+             "head": (1e-3, 3e-3, 1e-2)}
 
 
-# ------------------------------------------------------------------ measuring
+# ------------------------------------------------------------------ costs, exact
 
-def _memory_now_mib(device: torch.device) -> float:
-    """Tensors allocated on a GPU; on CPU the process's resident set size (after returning freed memory)."""
-    gc.collect()
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:  # glibc keeps freed blocks; hand them back so that the RSS baseline is honest
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    return PeakMemory.rss_mib() if os.path.exists("/proc/self/statm") else 0.0
+def checkpoint_bytes(model, kind: str, head_modules) -> int:
+    """Bytes on disk of what must be saved to keep the fine-tuned model (written to a temporary folder).
 
-
-def checkpoint_bytes(model, method: str, head_modules) -> int:
-    """Bytes on disk of what must be saved to keep the fine-tuned model (written to a temporary folder)."""
+    Depends only on the shapes, so a freshly prepared (untrained) model gives the same number.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        if method in ("lora", "lora-all"):  # safetensors + its small JSON config
+        if kind == "lora":  # safetensors + its small JSON config
             save_adapter(model, Path(tmp) / "adapter", extra=head_modules)
         else:
-            state = lora_state_dict(model, head_modules) if method == "head" else model.state_dict()
+            state = lora_state_dict(model, head_modules) if kind == "head" else model.state_dict()
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(tmp) / "w.safetensors"))
         return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
 
 
-@torch.no_grad()
-def inference_latency_ms(model, batch: dict, repeats: int = 5, warmup: int = 2) -> dict:
-    """Median (and min, max) milliseconds of one forward pass on ``batch``, after ``warmup`` passes."""
-    model.eval()
-    sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        model(**batch)
-        sync()
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+def optimizer_bytes(n_trainable: int, bytes_per_value: int = 4) -> int:
+    """Gradients plus AdamW's two running averages: 3 values per trainable parameter (float32: 12 bytes)."""
+    return 3 * bytes_per_value * n_trainable
+
+
+def method_costs(profile, methods, backbone=None) -> dict:
+    """Per method: trainable / total parameters, gradient + AdamW bytes, checkpoint bytes (from the shapes)."""
+    base, _, _ = (backbone or load_backbone)(profile.backbone, seed=profile.seed, verbose=False)
+    out = {}
+    for name in methods:
+        spec = method_spec(name, profile)
+        model = copy.deepcopy(base)
+        prepare_method(model, spec, profile.head_modules)
+        count = count_parameters(model)
+        out[name] = {"trainable_params": count.trainable, "total_params": count.total,
+                     "trainable_percent": count.percent, "optimizer_bytes": optimizer_bytes(count.trainable),
+                     "checkpoint_bytes": checkpoint_bytes(model, spec.kind, profile.head_modules),
+                     "checkpoint_what": CHECKPOINT_WHAT[spec.kind]}
+        del model
+    return out
 
 
 # ------------------------------------------------------------------ the comparison
 
-def compare_methods(profile, methods=("full", "lora", "head", "lora-all"), data=None, verbose=True,
-                    device=None, latency_repeats: int = 5) -> dict:
-    """Train and evaluate each method with ``loop.run_experiment`` on the same data and backbone.
+def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds=(0, 1, 2), lrs: dict | None = None,
+                    data=None, device=None, backbone=None, verbose: bool = True) -> dict:
+    """Train each method with each seed on the same reviews; test each once, at the end.
 
-    Every run starts from a fresh backbone loaded with the same seed. Per method, one row:
-    trainable parameters, test accuracy, training time, s/step, memory, checkpoint bytes,
-    inference latency (the first ``batch_size`` test reviews; LoRA unmerged). Memory:
-    ``train_memory_mib`` is the peak during training *minus* what the process held just
-    before it, with the model loaded (CPU: resident set size, which also counts allocator
-    slack; CUDA: allocated tensors); ``peak_memory_mib`` is the raw peak.
+    ``lrs`` (optional): ``{method: [learning rates]}`` to choose each method's own rate on the
+    validation split at ``seeds[0]``. If ``"head"`` is swept, it goes first and its best rate
+    becomes the head rate of every method (each method trains the same new head alike). The
+    winning sweep run is reused as that method's ``seeds[0]`` run. Methods not swept use the
+    profile's rates. ``data``: a ``TokenizedData`` (default: ``load_splits`` + ``tokenize``);
+    ``backbone``: a ``load_backbone``-style callable (default ``load_backbone``).
 
-    Returns ``{"profile", "backbone", "device", "rows", "curves": {method: losses},
-    "pretrained": {name: W0} (q_lin/v_lin), "full_updates"/"lora_updates": {name: dW},
-    "lora_model"}`` (the last three when those methods ran).
+    Returns ``{"profile", "backbone", "device", "lrs": {method: chosen}, "head_lr", "sweep":
+    {method: [RunResult]}, "runs": {method: [RunResult per seed]}}``.
     """
-    from .data import load_imdb
-
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in list(methods) + list(lrs or {}) if m not in ("full", "lora", "lora-all", "head")]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}: choose from {list(METHODS)}")
+        raise ValueError(f"unknown methods {unknown}: choose from ['full', 'lora', 'lora-all', 'head']")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("need at least one seed")
     device = get_device() if device is None else torch.device(device)
     if data is None:
-        data = load_imdb(profile.n_train, profile.n_test, seed=profile.seed, verbose=verbose)
-    held = {}
-    # one-time set-up (autograd engine, thread pool) done here, not billed to the first method's memory
-    torch.nn.Linear(8, 8).to(device)(torch.randn(2, 8, device=device)).sum().backward()
-
-    def backbone(name, seed, verbose):  # load_backbone, plus the pretrained weights and a memory baseline
-        model, tokenizer, description = load_backbone(name, seed=seed, verbose=verbose)
-        held["pretrained"] = {k: v.detach().clone() for k, v in model.state_dict().items()
-                              if k.endswith(UPDATE_SUFFIXES)}
-        model.to(device)
-        held["before_mib"] = _memory_now_mib(device)
-        return model, tokenizer, description
-
-    results = {"profile": profile, "device": str(device), "rows": [], "curves": {}}
-    batch = None
-    for i, method in enumerate(methods):
+        _, tokenizer, _ = (backbone or load_backbone)(profile.backbone, seed=profile.seed, verbose=verbose)
+        data = tokenize(load_splits(profile, verbose=verbose), tokenizer, profile)
+    lrs = dict(lrs or {})
+    order = sorted(methods, key=lambda m: m != "head") if "head" in lrs else list(methods)
+    head_lr, chosen, swept, runs = profile.lr_head, {}, {}, {}
+    for method in order:
+        spec = method_spec(method, profile)
+        first = None
+        if method in lrs:
+            if verbose:
+                print(f"-- {method}: learning-rate sweep {lrs[method]} on the validation split (seed {seeds[0]})")
+            swept[method] = sweep(spec, data, profile, lrs[method], seed=seeds[0], head_lr=head_lr, device=device,
+                                  backbone=backbone, verbose=verbose)
+            first = best_run(swept[method])
+            if method == "head":
+                head_lr = first.lr
+            for r in swept[method]:
+                if r is not first:
+                    r.model = None  # free the losers' weights
+        chosen[method] = first.lr if first is not None else None
         if verbose:
-            print(f"[{i + 1}/{len(methods)}] {method}: {METHODS[method]}")
-        run = run_experiment(method, profile, data=data, backbone=backbone, device=device, verbose=verbose and i == 0)
-        model, m = run["model"], run["metrics"]
-        if batch is None:  # one fixed batch for every latency measurement
-            n = profile.batch_size
-            ids = encode(data["test"]["text"][:n], run["tokenizer"], profile.max_length)
-            batch = make_batches(ids, data["test"]["label"][:n], n, run["tokenizer"].pad_token_id)[0]
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        latency = inference_latency_ms(model, batch, repeats=latency_repeats)
-        keys = ("trainable_params", "total_params", "trainable_percent", "test_accuracy", "train_time_s",
-                "s_per_step", "peak_memory_mib", "memory_kind")
-        row = {"method": method, **{key: m[key] for key in keys}, "steps": m["train_steps"],
-               "memory_before_mib": held["before_mib"],
-               "train_memory_mib": max(0.0, m["peak_memory_mib"] - held["before_mib"]),
-               "checkpoint_bytes": checkpoint_bytes(model, method, profile.head_modules),
-               "checkpoint_what": CHECKPOINT_WHAT[method], "latency_ms": latency["median"],
-               "latency_min_ms": latency["min"], "latency_max_ms": latency["max"],
-               "latency_batch": list(batch["input_ids"].shape)}
-        results["rows"].append(row)
-        results["curves"][method] = list(run["result"].losses)
-        results["backbone"], results["pretrained"] = m["backbone"], held["pretrained"]
-        if method == "full":
-            results["full_updates"] = weight_updates(held["pretrained"], model, UPDATE_SUFFIXES)
-        if method == "lora":
-            results["lora_updates"] = weight_updates(held["pretrained"], model, UPDATE_SUFFIXES)
-            results["lora_model"] = model
-        if verbose:
-            print(f"    accuracy {row['test_accuracy']:.3f} | {row['s_per_step']:.2f} s/step | "
-                  f"+{row['train_memory_mib']:.0f} MiB | checkpoint {_human_bytes(row['checkpoint_bytes'])}")
-        del run, model
-    return results
+            print(f"-- {method}: {len(seeds)} seeds at the chosen rate, each scored on the test split once")
+        runs[method] = []
+        for seed in seeds:
+            if first is not None and seed == seeds[0]:
+                result = score_test(first, data)
+                result.model = None
+                if verbose:
+                    print(result.line() + "  (the sweep's best run)")
+            else:
+                result = run(spec, data, profile, seed=seed, lr=chosen[method], head_lr=head_lr, test=True,
+                             device=device, backbone=backbone, verbose=verbose)
+            runs[method].append(result)
+        chosen[method] = runs[method][0].lr
+    backbone = next(iter(runs.values()))[0].backbone
+    return {"profile": profile, "backbone": backbone, "device": str(device), "lrs": chosen, "head_lr": head_lr,
+            "sweep": swept, "runs": {m: runs[m] for m in methods}, "seeds": seeds,
+            "test_labels": list(data.test_labels), "n_train": data.n_train, "n_val": data.n_val,
+            "n_test": data.n_test}
 
 
-def results_json(results: dict) -> dict:
-    """The JSON-serialisable part of ``compare_methods``' result (rows, curves, settings)."""
-    return {"profile": vars(results["profile"]), "backbone": results.get("backbone"), "device": results["device"],
-            "rows": results["rows"], "curves": results["curves"]}
+def paired_tests(results: dict, reference: str = "full") -> dict:
+    """McNemar's test of each method against ``reference``, seed by seed, on the shared test reviews.
+
+    ``{method: [{"seed", "a_only", "b_only", "p_value", "accuracy_difference"}]}`` (a = the method).
+    """
+    labels, out = results["test_labels"], {}
+    if reference not in results["runs"]:
+        return out
+    for method, runs in results["runs"].items():
+        if method == reference:
+            continue
+        out[method] = [{"seed": a.seed, **mcnemar(a.test["predictions"], b.test["predictions"], labels)}
+                       for a, b in zip(runs, results["runs"][reference])]
+    return out
+
+
+def verdict(tests: list[dict], alpha: float = 0.05) -> str:
+    """"better" / "worse" when every seed's McNemar test is significant in the same direction; else "within noise"."""
+    if tests and all(t["p_value"] < alpha and t["accuracy_difference"] > 0 for t in tests):
+        return "better"
+    if tests and all(t["p_value"] < alpha and t["accuracy_difference"] < 0 for t in tests):
+        return "worse"
+    return "within noise"
+
+
+def summary_rows(results: dict, costs: dict | None = None, reference: str = "full") -> list[dict]:
+    """One row per method: rate, test accuracy mean ± sd over seeds, the paired verdict against ``reference``."""
+    tests = paired_tests(results, reference)
+    rows = []
+    for method, runs in results["runs"].items():
+        mean, sd = mean_sd(r.test_accuracy for r in runs)
+        row = {"method": method, "lr": runs[0].lr, "head_lr": runs[0].head_lr, "seeds": [r.seed for r in runs],
+               "test_accuracy": [r.test_accuracy for r in runs], "test_mean": mean, "test_sd": sd,
+               "val_mean": mean_sd(r.val_accuracy for r in runs)[0], "trainable_params": runs[0].trainable_params,
+               "trainable_percent": runs[0].trainable_percent, "steps": runs[0].train_steps}
+        if method in tests:
+            row.update(vs=reference, mcnemar_p=[t["p_value"] for t in tests[method]],
+                       difference=mean_sd(t["accuracy_difference"] for t in tests[method]),
+                       verdict=verdict(tests[method]))
+        if costs and method in costs:
+            row.update({k: costs[method][k] for k in ("optimizer_bytes", "checkpoint_bytes", "checkpoint_what")})
+        rows.append(row)
+    return rows
+
+
+def results_json(results: dict, costs: dict | None = None) -> dict:
+    """The JSON-serialisable part of ``compare_methods``' result: settings, summary, every run's metrics."""
+    return {"profile": vars(results["profile"]), "backbone": results["backbone"], "device": results["device"],
+            "seeds": results["seeds"], "lrs": results["lrs"], "head_lr": results["head_lr"],
+            "n_train": results["n_train"], "n_val": results["n_val"], "n_test": results["n_test"],
+            "summary": summary_rows(results, costs), "costs": costs,
+            "sweep": {m: [r.metrics() for r in rs] for m, rs in results["sweep"].items()},
+            "runs": {m: [r.metrics() for r in rs] for m, rs in results["runs"].items()}}
 
 
 # ------------------------------------------------------------------ showing
@@ -167,56 +215,75 @@ def _human_bytes(n: float) -> str:
 
 
 def results_table(rows) -> str:
-    """A markdown table, one row per method."""
-    lines = ["| method | trainable params | trainable % | test accuracy | train time (s) | s/step "
-             "| training memory (+MiB) | checkpoint | latency (ms/batch) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    """A markdown table, one row per method (``summary_rows``, or the ``summary`` of a saved JSON)."""
+    lines = ["| method | trainable | rate (method / head) | test accuracy, mean ± sd | per seed "
+             "| vs full: difference, McNemar p per seed | verdict |",
+             "|---|---:|---|---:|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_percent']:.2f} "
-                     f"| {r['test_accuracy']:.3f} | {r['train_time_s']:.1f} | {r['s_per_step']:.3f} "
-                     f"| {r['train_memory_mib']:.0f} | {_human_bytes(r['checkpoint_bytes'])} ({r['checkpoint_what']}) "
-                     f"| {r['latency_ms']:.0f} |")
+        vs = (f"{r['difference'][0]:+.3f} ± {r['difference'][1]:.3f}; "
+              + ", ".join(f"{p:.2g}" for p in r["mcnemar_p"])) if "verdict" in r else ""
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_percent']:.2f}%) "
+                     f"| {r['lr']:.0e} / {r['head_lr']:.0e} | {r['test_mean']:.3f} ± {r['test_sd']:.3f} "
+                     f"| {' '.join(f'{a:.3f}' for a in r['test_accuracy'])} | {vs} | {r.get('verdict', 'reference')} |")
     return "\n".join(lines)
 
 
-def plot_comparison(rows):
-    """Six bar charts: accuracy, trainable %, s/step, training memory, checkpoint size, latency."""
-    names = [r["method"] for r in rows]
-    colors = plt.cm.tab10(np.arange(len(rows)))
-    panels = [("test_accuracy", "test accuracy", "accuracy (fraction)", False, 1),
-              ("trainable_percent", "trainable parameters", "% of the model (log scale)", True, 1),
-              ("s_per_step", "training time per step", "seconds per step", False, 1),
-              ("train_memory_mib", "extra memory while training", "MiB over the loaded model", False, 1),
-              ("checkpoint_bytes", "what must be saved", "MB on disk (log scale)", True, 1e-6),
-              ("latency_ms", "inference latency (unmerged LoRA)", "ms per batch (median)", False, 1)]
-    fig, axes = plt.subplots(2, 3, figsize=(10, 6))
-    for ax, (key, title, ylabel, log, scale) in zip(axes.flat, panels):
-        ax.bar(names, [r[key] * scale for r in rows], color=colors)
-        ax.set(yscale="log" if log else "linear", ylabel=ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(labelsize=8)
-        if key == "test_accuracy":
-            ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
-            ax.set_ylim(0.4, 1.0)
-            ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle("Fine-tuning methods side by side (same data, same backbone)")
-    fig.tight_layout()
-    return fig
+def _runs_json(results: dict, key: str) -> dict:
+    """``{method: [metrics dict]}`` from a live result or a saved JSON."""
+    runs = results[key]
+    return {m: [r if isinstance(r, dict) else r.metrics() for r in rs] for m, rs in runs.items()}
 
 
-def plot_training_curves(results: dict, window: int = 10):
-    """Every method's training loss, smoothed by a moving average over ``window`` steps."""
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for method, losses in results["curves"].items():
-        w = max(1, min(window, len(losses)))
-        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(w, len(losses) + 1), smooth, label=method)
-    ax.axhline(np.log(2), color="gray", ls="--", lw=1, label="ln 2 (guessing)")
-    ax.set(xlabel="training step", ylabel=f"cross-entropy loss ({window}-step moving average)",
-           title="Training loss of each method")
-    ax.legend()
+def plot_sweep(results: dict, ax=None):
+    """Validation accuracy against the method's own learning rate (log axis), one line per method."""
+    sweep = _runs_json(results, "sweep")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for method, rs in sweep.items():
+        xs = [r["lr"] for r in rs]
+        ys = [r["val_accuracy"] for r in rs]
+        line, = ax.plot(xs, ys, "o-", label=method)
+        best = max(range(len(rs)), key=lambda i: (ys[i], -rs[i]["val_loss"]))
+        ax.plot(xs[best], ys[best], "*", ms=14, color=line.get_color())
+    ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
+    ax.set(xscale="log", xlabel="learning rate of the method's own parameters (head: its rate)",
+           ylabel="validation accuracy", title="Learning-rate sweep on the validation split (star: chosen)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return ax
+
+
+def plot_val_curves(results: dict, ax=None):
+    """Validation accuracy during training, mean over seeds (band: min to max), one line per method."""
+    runs = _runs_json(results, "runs")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for method, rs in runs.items():
+        steps = [p["step"] for p in rs[0]["val_curve"]]
+        acc = np.array([[p["accuracy"] for p in r["val_curve"]] for r in rs])
+        line, = ax.plot(steps, acc.mean(0), "o-", label=f"{method} ({len(rs)} seeds)")
+        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+    ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
+    ax.set(xlabel="training step", ylabel="validation accuracy", title="Validation accuracy while training")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return fig
+    return ax
+
+
+def plot_accuracy(rows, ax=None, title: str = "Test accuracy per seed (bar: mean)"):
+    """Test accuracy of every seed as dots, the mean as a bar, per method."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(rows):
+        ax.bar(i, r["test_mean"], color=plt.cm.tab10(i), alpha=0.35)
+        ax.errorbar(i, r["test_mean"], yerr=r["test_sd"], color="k", capsize=4)
+        ax.plot([i] * len(r["test_accuracy"]), r["test_accuracy"], "o", color=plt.cm.tab10(i))
+    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{r['trainable_percent']:.2g}% trained" for r in rows])
+    low = min(a for r in rows for a in r["test_accuracy"])
+    ax.set(ylim=(min(0.5, low - 0.02), 1.0), ylabel="test accuracy", title=title)
+    ax.axhline(0.5, color="gray", ls="--", lw=1)
+    ax.grid(alpha=0.3, axis="y")
+    return ax
 
 
 # ------------------------------------------------------------------ is the update low rank?
@@ -242,22 +309,29 @@ def short_name(key: str) -> str:
 
 @single_thread()
 def low_rank_report(full_updates: dict, lora_updates: dict | None = None, k: int = 8, r: int = 8,
-                    side: str = "left", seed: int = 0) -> list[dict]:
-    """Per matrix: share of ||dW||^2 in the top ``k`` directions (and for a ``random_like`` dW), and,
-    given LoRA's updates, phi between the top-``r`` ``side`` subspaces of dW and of B A (paper Eq. 4),
-    with a random r-dimensional subspace as baseline (expected value r / d)."""
+                    side: str = "left", seed: int = 0, pretrained: dict | None = None,
+                    lora_updates_other_seed: dict | None = None) -> list[dict]:
+    """Per matrix: share of ||dW||^2 in the top ``k`` directions, against two nulls: a ``random_like`` dW
+    and (given ``pretrained``) the pretrained W0 itself. Given LoRA's updates: phi between the top-``r``
+    ``side`` subspaces of dW and of B A (paper Eq. 4), against a random r-dimensional subspace (expected
+    r / d) and (given ``lora_updates_other_seed``) LoRA trained with another seed, which shares neither
+    the head init, the batch order nor the dropout masks with the full run."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i, (name, dW) in enumerate(full_updates.items()):
         row = {"matrix": short_name(name), "norm": float(dW.norm()), "energy_top_k": energy_in_top(dW, k),
                "energy_top_k_random": energy_in_top(random_like(dW, seed=seed + i), k), "k": k}
+        if pretrained is not None:
+            row["energy_top_k_W0"] = energy_in_top(pretrained[name].detach().float().cpu(), k)
         if lora_updates is not None:
             full_dirs = top_directions(dW, r, side)
-            lora_dirs = top_directions(lora_updates[name], r, side)
             random_dirs, _ = torch.linalg.qr(torch.randn(full_dirs.shape[0], r, generator=g, dtype=torch.float64))
-            row.update(r=r, side=side, phi=subspace_similarity(full_dirs, lora_dirs, r, r),
+            row.update(r=r, side=side, phi=subspace_similarity(full_dirs, top_directions(lora_updates[name], r, side), r, r),
                        phi_random=subspace_similarity(full_dirs, random_dirs, r, r),
                        phi_expected_random=expected_random_similarity(full_dirs.shape[0], r, r))
+            if lora_updates_other_seed is not None:
+                other = top_directions(lora_updates_other_seed[name], r, side)
+                row["phi_other_seed"] = subspace_similarity(full_dirs, other, r, r)
         rows.append(row)
     return rows
 
@@ -281,25 +355,33 @@ def plot_update_spectra(updates: dict, k: int = 8, title: str = "Singular values
 
 
 def plot_low_rank_report(report: list[dict]):
-    """Bars per matrix: energy in the top k (dW vs random) and, if present, phi (LoRA vs random)."""
+    """Bars per matrix: energy in the top k (dW vs its nulls) and, if present, phi (LoRA vs its nulls)."""
     names = [row["matrix"] for row in report]
     x = np.arange(len(names))
     has_phi = "phi" in report[0]
-    fig, axes = plt.subplots(1, 2 if has_phi else 1, figsize=(10 if has_phi else 6, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_phi else 1, figsize=(11 if has_phi else 6, 3.8), squeeze=False)
     ax = axes[0, 0]
-    ax.bar(x - 0.2, [row["energy_top_k"] for row in report], 0.4, label="full fine-tuning dW")
-    ax.bar(x + 0.2, [row["energy_top_k_random"] for row in report], 0.4, label="random, same shape and norm")
-    ax.set(title=f"Share of ||dW||² in the top {report[0]['k']} directions", ylabel="share of the energy")
+    bars = [("energy_top_k", "full fine-tuning dW"), ("energy_top_k_W0", "pretrained W0"),
+            ("energy_top_k_random", "random, same shape and norm")]
+    bars = [b for b in bars if b[0] in report[0]]
+    width = 0.8 / len(bars)
+    for j, (key, label) in enumerate(bars):
+        ax.bar(x + (j - (len(bars) - 1) / 2) * width, [row[key] for row in report], width, label=label)
+    ax.set(title=f"Share of ||M||² in the top {report[0]['k']} directions", ylabel="share of the energy")
     if has_phi:
         ax = axes[0, 1]
-        ax.bar(x - 0.2, [row["phi"] for row in report], 0.4, label="LoRA's B A vs top-r of dW")
-        ax.bar(x + 0.2, [row["phi_random"] for row in report], 0.4, label="random subspace vs top-r of dW")
+        bars = [("phi", "LoRA (same seed) vs top-r of dW"), ("phi_other_seed", "LoRA (other seed) vs top-r of dW"),
+                ("phi_random", "random subspace vs top-r of dW")]
+        bars = [b for b in bars if b[0] in report[0]]
+        width = 0.8 / len(bars)
+        for j, (key, label) in enumerate(bars):
+            ax.bar(x + (j - (len(bars) - 1) / 2) * width, [row[key] for row in report], width, label=label)
         ax.axhline(report[0]["phi_expected_random"], color="gray", ls="--", lw=1, label="r / d (random, expected)")
         ax.set(title=f"Subspace overlap φ, r = {report[0]['r']} ({report[0]['side']} singular vectors)",
                ylabel="φ (0: orthogonal, 1: same subspace)")
     for ax in axes.flat:
         ax.set_xticks(x, names, rotation=60, fontsize=8)
         ax.set(xlabel="weight matrix (layer, projection)", ylim=(0, 1))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,18 +1,18 @@
 """A plain PyTorch training loop for sequence classification, and its evaluation.
 
 Nothing hidden: tokenize once, batch with dynamic padding, AdamW over the
-trainable parameters only, linear warm-up then linear decay, gradient
-clipping, mixed precision on a GPU, a progress bar, and evaluation after every
-epoch. ``prepare_method`` turns a fresh backbone into one of the fine-tuning
-methods the series compares; ``run_experiment`` does all of it in one call.
+trainable parameters only (one learning rate, or one per parameter group),
+linear warm-up then linear decay, gradient clipping, mixed precision on a GPU,
+a progress bar, and evaluation every few steps on a held-out split.
 
-Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``); notebooks 04-06
-and ``python -m lora_helpers`` reuse it.
+Notebook 03 (``03_lora_distilbert_imdb.ipynb``) writes the bare loop out
+(forward, loss, backward, step, zero_grad) and then introduces this one: the same
+loop plus schedule, clipping, mixed precision and a bar. ``runner.run`` (one
+training run of any method) and ``python -m lora_helpers`` use it.
 """
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,9 +20,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .lora import apply_lora, count_parameters, freeze_all_except, mark_only_lora_trainable
-from .profiles import Profile
-from .utils import get_device, set_seed
+from .memory import PeakMemory
+from .utils import get_device
 
 # ------------------------------------------------------------------ batching
 
@@ -47,54 +46,13 @@ def make_batches(input_ids, labels, batch_size: int, pad_id: int, shuffle: bool 
     return batches
 
 
-# ------------------------------------------------------------------ memory
-
-class PeakMemory:
-    """Peak memory while the ``with`` block runs, in MiB.
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors only). On CPU: the
-    process's resident set size, sampled every 5 ms by a background thread
-    (it includes everything the process holds, not only tensors).
-    """
-
-    def __init__(self, device):
-        self.device, self.peak_mib, self._stop = torch.device(device), 0.0, threading.Event()
-        self.kind = "cuda max allocated" if self.device.type == "cuda" else "process RSS"
-
-    @staticmethod
-    def rss_mib() -> float:
-        with open("/proc/self/statm") as f:  # Linux; elsewhere we report 0
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak_mib = max(self.peak_mib, self.rss_mib())
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/statm"):
-            self.peak_mib = self.rss_mib()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-        return False
-
-
 # ------------------------------------------------------------------ train / evaluate
 
 @dataclass
 class TrainResult:
     """What a training run leaves behind: curves, evaluations and its cost."""
     losses: list = field(default_factory=list)    # training loss of every step
-    evals: list = field(default_factory=list)     # evaluate(...) after every epoch
+    evals: list = field(default_factory=list)     # evaluate(...) on eval_batches, each with its "step"
     wall_time_s: float = 0.0                       # training steps only, evaluation excluded
     steps: int = 0
     peak_memory_mib: float = 0.0
@@ -117,59 +75,86 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
-def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float, epochs: int = 1,
-          warmup_ratio: float = 0.06, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
-          device=None, desc: str = "train") -> TrainResult:
-    """Train the parameters that have ``requires_grad`` and evaluate after each epoch."""
+def train_step(model: nn.Module, batch: dict, optimizer, scaler, params, max_grad_norm: float, device) -> float:
+    """One step: forward, loss, backward (scaled for fp16), clip the gradient norm, optimizer step, zero_grad."""
+    device = torch.device(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with _autocast(device):
+        loss = model(**batch).loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | None = None, param_groups=None,
+          epochs: int = 1, eval_every: int | None = None, warmup_ratio: float = 0.06, weight_decay: float = 0.01,
+          max_grad_norm: float = 1.0, device=None, desc: str = "train") -> TrainResult:
+    """Train the parameters that have ``requires_grad``; evaluate on ``eval_batches`` as it goes.
+
+    ``lr`` trains every trainable parameter at one rate; ``param_groups`` (a list of
+    ``{"params": [...], "lr": ...}``, e.g. ``methods.param_groups``) gives each group its
+    own. Evaluation runs every ``eval_every`` steps and after the last step (or, without
+    ``eval_every``, after every epoch); each entry of ``result.evals`` records its ``step``.
+    """
     device = get_device() if device is None else torch.device(device)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if (lr is None) == (param_groups is None):
+        raise ValueError("give exactly one of lr= (one rate for every trainable parameter) or param_groups=")
+    if param_groups is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    params = [p for g in param_groups for p in g["params"]]
     if not params:
         raise ValueError("no trainable parameters: use mark_only_lora_trainable / freeze_all_except first")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     total = epochs * len(train_batches)
     warmup = max(1, int(warmup_ratio * total))
-    # Linear warm-up to lr over `warmup` steps, then linear decay to 0 at the last step.
+    # Linear warm-up to each group's lr over `warmup` steps, then linear decay to 0 at the last step.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     result = TrainResult()
+
+    def evaluate_now(step):
+        if eval_batches is not None:
+            result.evals.append({"step": step, **evaluate(model, eval_batches, device)})
+            model.train()
+
+    step = 0
     with PeakMemory(device) as memory:
         for epoch in range(epochs):
-            start = time.perf_counter()  # wall time counts training steps, not evaluation
             model.train()
             bar = tqdm(train_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
                        disable=_bars_disabled())
             for batch in bar:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with _autocast(device):
-                    loss = model(**batch).loss
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                start = time.perf_counter()  # wall time counts training steps, not evaluation
+                loss = train_step(model, batch, optimizer, scaler, params, max_grad_norm, device)
                 schedule.step()
-                result.losses.append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            result.wall_time_s += time.perf_counter() - start
-            if eval_batches is not None:
-                result.evals.append(evaluate(model, eval_batches, device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                result.wall_time_s += time.perf_counter() - start
+                result.losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                step += 1
+                if eval_every and step % eval_every == 0 and step < total:
+                    evaluate_now(step)
+            if not eval_every or epoch == epochs - 1:
+                evaluate_now(step)
     result.steps, result.peak_memory_mib, result.memory_kind = total, memory.peak_mib, memory.kind
     return result
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device=None) -> dict:
-    """Accuracy, mean loss and the confusion matrix (rows: true label, columns: predicted)."""
+    """Accuracy, mean loss, the confusion matrix (rows: true label, columns: predicted) and each prediction."""
     device = get_device() if device is None else torch.device(device)
     model.to(device).eval()
     n_labels = model.config.num_labels
     confusion = torch.zeros(n_labels, n_labels, dtype=torch.long)
-    loss_sum, n = 0.0, 0
+    loss_sum, n, predictions = 0.0, 0, []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device):
@@ -177,10 +162,11 @@ def evaluate(model: nn.Module, batches, device=None) -> dict:
         loss_sum += out.loss.item() * len(batch["labels"])
         n += len(batch["labels"])
         pred = out.logits.argmax(-1).cpu()
+        predictions += pred.tolist()
         for t, p in zip(batch["labels"].cpu().tolist(), pred.tolist()):
             confusion[t, p] += 1
     return {"accuracy": confusion.diag().sum().item() / n, "loss": loss_sum / n, "n": n,
-            "confusion": confusion.tolist()}
+            "confusion": confusion.tolist(), "predictions": predictions}
 
 
 @torch.no_grad()
@@ -193,74 +179,3 @@ def predict(model: nn.Module, tokenizer, texts, max_length: int = 256, device=No
     names = {0: "negative", 1: "positive"}
     return [{"label": int(p.argmax()), "sentiment": names.get(int(p.argmax()), str(int(p.argmax()))),
              "p_positive": float(p[-1])} for p in probs]
-
-
-# ------------------------------------------------------------------ methods
-
-METHODS = {
-    "full": "full fine-tuning: every weight trains",
-    "lora": "LoRA on the profile's target modules (q_lin, v_lin) + the classifier head",
-    "lora-all": "LoRA on every Linear of the transformer blocks at r/2 (the paper's 'more matrices, lower rank') + head",
-    "head": "head only: the backbone frozen, pre_classifier + classifier trained",
-}
-ALL_BLOCK_LINEARS = ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")
-
-
-def prepare_method(model: nn.Module, method: str, profile: Profile) -> tuple[float, list[str]]:
-    """Make ``model`` ready for ``method`` (wrap and freeze); returns ``(learning rate, LoRA layer names)``."""
-    head = profile.head_modules
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return profile.lr_full, []
-    if method == "head":
-        freeze_all_except(model, head)
-        return profile.lr_head, []
-    if method in ("lora", "lora-all"):
-        targets = profile.target_modules if method == "lora" else ALL_BLOCK_LINEARS
-        r = profile.r if method == "lora" else max(1, profile.r // 2)
-        alpha = profile.lora_alpha if method == "lora" else profile.lora_alpha / 2  # same alpha/r
-        names = apply_lora(model, targets, r=r, lora_alpha=alpha, lora_dropout=profile.lora_dropout)
-        mark_only_lora_trainable(model, extra_trainable=head)
-        return profile.lr_lora, names
-    raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
-
-
-def run_experiment(method: str, profile: Profile, data=None, backbone=None, device=None,
-                   verbose: bool = True) -> dict:
-    """Load (or reuse) data and a fresh backbone, prepare ``method``, train, evaluate.
-
-    ``data`` is a ``DatasetDict`` from ``load_imdb``; ``backbone`` a
-    ``load_backbone``-style callable returning ``(model, tokenizer, description)``.
-    Returns the model, tokenizer and a flat dict of metrics.
-    """
-    from .backbone import load_backbone
-    from .data import load_imdb
-
-    device = get_device() if device is None else torch.device(device)
-    if data is None:
-        data = load_imdb(profile.n_train, profile.n_test, seed=profile.seed, verbose=verbose)
-    set_seed(profile.seed)
-    model, tokenizer, description = (backbone or load_backbone)(profile.backbone, seed=profile.seed,
-                                                                verbose=verbose)
-    lr, lora_names = prepare_method(model, method, profile)
-    params = count_parameters(model)
-    train_ids = encode(data["train"]["text"], tokenizer, profile.max_length)
-    test_ids = encode(data["test"]["text"], tokenizer, profile.max_length)
-    pad = tokenizer.pad_token_id
-    train_batches = make_batches(train_ids, data["train"]["label"], profile.batch_size, pad, True, profile.seed)
-    test_batches = make_batches(test_ids, data["test"]["label"], profile.eval_batch_size, pad)
-    set_seed(profile.seed)  # same dropout masks whatever happened before
-    result = train(model, train_batches, test_batches, lr=lr, epochs=profile.epochs,
-                   warmup_ratio=profile.warmup_ratio, weight_decay=profile.weight_decay,
-                   max_grad_norm=profile.max_grad_norm, device=device, desc=method)
-    final = result.evals[-1]
-    metrics = {"method": method, "profile": profile.name, "backbone": description, "device": str(device),
-               "lr": lr, "lora_layers": len(lora_names), "trainable_params": params.trainable,
-               "total_params": params.total, "trainable_percent": params.percent,
-               "test_accuracy": final["accuracy"], "test_loss": final["loss"], "confusion": final["confusion"],
-               "train_steps": result.steps, "train_time_s": result.wall_time_s,
-               "s_per_step": result.wall_time_s / max(1, result.steps),
-               "peak_memory_mib": result.peak_memory_mib, "memory_kind": result.memory_kind,
-               "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:])}
-    return {"model": model, "tokenizer": tokenizer, "result": result, "metrics": metrics}

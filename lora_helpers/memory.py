@@ -19,12 +19,20 @@ and the head train); the weights stay. This module gives
   training step in PyTorch;
 * ``lora_trainable_params(...)``, ``PAPER_MODELS`` and ``paper_scaling_table(...)``
   - the same arithmetic for DistilBERT (66M) and a 7B model, on paper, with
-  the precision assumptions spelled out in ``PRECISIONS``.
+  the precision assumptions spelled out in ``PRECISIONS``;
+* ``PeakMemory`` / ``memory_now_mib`` - the peak and the current memory of the
+  process (CPU: resident set size; CUDA: allocated tensors), used by the
+  training loop (notebook 03) and the comparison (notebook 04).
 
-Introduced in notebook 06 (``06_adapters_in_practice.ipynb``).
+This is the one place where memory is measured. Introduced in notebook 06
+(``06_adapters_in_practice.ipynb``); ``PeakMemory`` first appears in notebook 03.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -79,6 +87,78 @@ def training_memory_formula(n_params_total: int, n_trainable: int, bytes_per_par
 
 
 # ------------------------------------------------------------------ measurement
+
+class PeakMemory:
+    """Peak memory while the ``with`` block runs, in MiB.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors only). On CPU (Linux):
+    the process's peak resident set size, read from the kernel's high-water mark
+    (``VmHWM`` in ``/proc/self/status``) after resetting it through
+    ``/proc/self/clear_refs``; it includes everything the process holds, not only
+    tensors. Where the mark cannot be reset, a background thread samples the RSS
+    every 50 ms instead (a faster sampler competes with training for the GIL).
+    Elsewhere the peak is reported as 0.
+    """
+
+    def __init__(self, device):
+        self.device, self.peak_mib, self._stop = torch.device(device), 0.0, threading.Event()
+        self.kind = "cuda max allocated" if self.device.type == "cuda" else "process RSS"
+        self._hwm = False
+
+    @staticmethod
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:  # Linux; elsewhere we report 0
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    @staticmethod
+    def _high_water_mib() -> float:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak_mib = max(self.peak_mib, self.rss_mib())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        if not os.path.exists("/proc/self/statm"):
+            return self
+        self.peak_mib = self.rss_mib()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS to the current RSS
+            self._hwm = True
+        except OSError:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._hwm:
+            self.peak_mib = max(self.peak_mib, self._high_water_mib())
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+        return False
+
+
+def memory_now_mib(device) -> float:
+    """Tensors allocated on a GPU; on CPU the process's resident set size (after returning freed memory)."""
+    gc.collect()
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:  # glibc keeps freed blocks; hand them back so that the RSS baseline is honest
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return PeakMemory.rss_mib() if os.path.exists("/proc/self/statm") else 0.0
+
 
 def _storage_key(t: torch.Tensor) -> tuple:
     s = t.untyped_storage()
@@ -227,5 +307,5 @@ def paper_scaling_table(models: Iterable[str] = ("distilbert", "7b"), r: int = 8
     return rows
 
 
-__all__ = ["training_memory_formula", "measure_training_memory", "lora_trainable_params", "paper_scaling_table",
+__all__ = ["PeakMemory", "memory_now_mib", "training_memory_formula", "measure_training_memory", "lora_trainable_params", "paper_scaling_table",
            "PAPER_MODELS", "PRECISIONS", "OPTIMIZER_STATES", "ACTIVATIONS_NOTE", "PaperModel", "MiB", "GiB"]

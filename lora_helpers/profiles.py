@@ -1,8 +1,8 @@
 """Run profiles: every size-dependent setting of the DistilBERT/IMDb runs, in one place.
 
 * ``smoke`` - CI and quick checks: the offline stand-in backbone, 1,000 training
-  reviews of at most 128 tokens, one epoch; a LoRA run takes about a minute on
-  2 CPU cores.
+  reviews of at most 64 tokens, one epoch (63 steps); a LoRA run takes about half
+  a minute on 2 CPU cores.
 * ``cpu``   - a laptop: real DistilBERT where available, a few thousand reviews,
   about ten minutes a run.
 * ``gpu``   - a Colab T4 class GPU: the full 25,000/25,000 splits, 512 tokens,
@@ -26,14 +26,18 @@ class Profile:
     """Sizes and hyper-parameters of one kind of run (see the module docstring)."""
     name: str
     backbone: str             # "auto", "distilbert-base-uncased" or "minilm-standin"
-    n_train: int | None       # None: the whole split
+    n_train: int | None       # training reviews (None: the whole split, less the validation reviews)
     n_test: int | None
     max_length: int           # tokens per review after truncation
     batch_size: int
     epochs: int
-    lr_lora: float = 1e-3     # LoRA factors and the new head
-    lr_full: float = 5e-5     # full fine-tuning: every weight moves, so a much smaller step
-    lr_head: float = 1e-3     # head only (frozen backbone)
+    n_val: int = 200          # validation reviews, carved from the training split: for tuning and curves
+    eval_every: int | None = None  # score the validation split every this many steps (None: once per epoch)
+    # Learning rates: the method's own parameters (LoRA factors / every weight) at lr_lora / lr_full,
+    # the new classification head at lr_head in every method. See PROFILES for how they were chosen.
+    lr_lora: float = 1e-3
+    lr_full: float = 5e-5
+    lr_head: float = 1e-3
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -52,17 +56,22 @@ class Profile:
     def summary(self) -> str:
         size = lambda n: "all" if n is None else f"{n:,}"  # noqa: E731
         return (f"profile {self.name!r}: backbone={self.backbone}, train={size(self.n_train)}, "
-                f"test={size(self.n_test)}, max_length={self.max_length}, batch={self.batch_size}, "
+                f"validation={self.n_val:,}, test={size(self.n_test)}, max_length={self.max_length}, batch={self.batch_size}, "
                 f"epochs={self.epochs}, LoRA r={self.r} alpha={self.lora_alpha:g} on {list(self.target_modules)}")
 
 
 PROFILES = {
-    "smoke": Profile("smoke", backbone="minilm-standin", n_train=1000, n_test=500, max_length=128,
-                     batch_size=16, epochs=1),
-    "cpu": Profile("cpu", backbone="auto", n_train=2000, n_test=1000, max_length=256, batch_size=16,
-                   epochs=1, lr_lora=5e-4),
-    "gpu": Profile("gpu", backbone="auto", n_train=None, n_test=None, max_length=512, batch_size=32,
-                   epochs=2, lr_lora=5e-4, lr_full=2e-5, eval_batch_size=128),
+    # smoke: 63 steps of 16 reviews cut at 64 tokens, so that notebook 04's 12 runs (4 methods x 3 seeds)
+    # fit in CI. Rates chosen by `python -m lora_helpers compare --profile smoke --seeds 3 --sweep`
+    # (results/compare-smoke.json: the best validation accuracy of each method's sweep).
+    "smoke": Profile("smoke", backbone="minilm-standin", n_train=1000, n_val=200, n_test=500, max_length=64,
+                     batch_size=16, epochs=1, eval_every=16),
+    # cpu: a laptop. Rates chosen by `python -m lora_helpers compare --profile cpu --seeds 3 --sweep`
+    # on the stand-in (results/compare-cpu.json).
+    "cpu": Profile("cpu", backbone="auto", n_train=2000, n_val=400, n_test=1000, max_length=256, batch_size=16,
+                   epochs=1, eval_every=42, lr_lora=5e-4),
+    "gpu": Profile("gpu", backbone="auto", n_train=None, n_val=1000, n_test=None, max_length=512, batch_size=32,
+                   epochs=2, lr_lora=5e-4, lr_full=2e-5, eval_batch_size=128, eval_every=200),
 }
 
 

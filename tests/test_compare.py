@@ -1,5 +1,4 @@
-"""Tests of lora_helpers.compare: a tiny comparison of two methods, the table, and the low-rank analysis."""
-import json
+"""Tests of lora_helpers.compare: exact costs, plots, and the low-rank analysis (the comparison itself: test_runner.py)."""
 
 import matplotlib
 import pytest
@@ -9,70 +8,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lora_helpers import get_profile  # noqa: E402
-from lora_helpers.compare import (compare_methods, low_rank_report, plot_comparison, plot_low_rank_report,  # noqa: E402
-                                  plot_training_curves, plot_update_spectra, results_json, results_table,
-                                  single_thread)
+from lora_helpers.compare import (low_rank_report, method_costs, plot_accuracy, plot_low_rank_report,  # noqa: E402
+                                  plot_sweep, plot_update_spectra, plot_val_curves)
 
-ROW_FIELDS = {"method", "trainable_params", "total_params", "trainable_percent", "test_accuracy", "train_time_s",
-              "steps", "s_per_step", "peak_memory_mib", "memory_before_mib", "train_memory_mib", "memory_kind",
-              "checkpoint_bytes", "checkpoint_what", "latency_ms", "latency_min_ms", "latency_max_ms",
-              "latency_batch"}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """Full fine-tuning and LoRA on 32 reviews of 32 tokens: 4 steps each."""
-    profile = get_profile("smoke", n_train=32, n_test=32, max_length=32, batch_size=8, eval_batch_size=16)
-    return compare_methods(profile, methods=("full", "lora"), verbose=False, device="cpu", latency_repeats=1)
-
-
-def test_rows_have_every_field(tiny):
-    rows = {row["method"]: row for row in tiny["rows"]}
-    assert list(rows) == ["full", "lora"]
-    for row in rows.values():
-        assert set(row) == ROW_FIELDS
-        assert row["steps"] == 4 and row["train_time_s"] > 0 and row["s_per_step"] > 0
-        assert 0 <= row["test_accuracy"] <= 1
-        assert row["latency_ms"] > 0 and row["latency_batch"] == [8, 32]
-        assert row["train_memory_mib"] >= 0 and row["peak_memory_mib"] >= row["train_memory_mib"]
-    assert rows["full"]["trainable_percent"] == 100.0
-    assert rows["lora"]["trainable_percent"] < 2
-    assert rows["full"]["total_params"] == rows["full"]["trainable_params"]
-    assert [len(c) for c in tiny["curves"].values()] == [4, 4]
+def test_method_costs_from_the_shapes():
+    costs = method_costs(get_profile("smoke"), ("full", "lora", "head"))
+    n = {m: c["trainable_params"] for m, c in costs.items()}
+    head = 384 * 384 + 384 + 384 * 2 + 2
+    assert n["head"] == head and n["lora"] == 12 * 8 * (384 + 384) + head
+    assert costs["full"]["trainable_percent"] == 100.0 and costs["full"]["total_params"] == n["full"]
+    assert costs["lora"]["optimizer_bytes"] == 12 * n["lora"]       # grad + 2 AdamW states, float32
+    size = {m: c["checkpoint_bytes"] for m, c in costs.items()}
+    assert size["full"] > 4 * n["full"] and size["full"] / size["lora"] > 50  # float32 weights + header
+    assert 4 * n["lora"] < size["lora"] < 4 * n["lora"] + 20_000          # the adapter: A, B, head + JSON
+    assert 4 * head < size["head"] < 4 * head + 10_000
 
 
-def test_checkpoint_sizes_are_ordered(tiny):
-    size = {row["method"]: row["checkpoint_bytes"] for row in tiny["rows"]}
-    assert size["full"] > size["lora"] > 0
-    assert size["full"] > 4 * tiny["rows"][0]["total_params"]  # float32 weights, plus the header
-    assert size["full"] / size["lora"] > 50
-
-
-def test_table_and_json(tiny):
-    table = results_table(tiny["rows"]).splitlines()
-    assert len(table) == 2 + len(tiny["rows"])
-    assert table[2].startswith("| full |") and table[3].startswith("| lora |")
-    saved = json.loads(json.dumps(results_json(tiny)))
-    assert saved["profile"]["n_train"] == 32 and [r["method"] for r in saved["rows"]] == ["full", "lora"]
-
-
-def test_updates_kept_for_the_analysis(tiny):
-    full, lora = tiny["full_updates"], tiny["lora_updates"]
-    assert set(full) == set(lora) == set(tiny["pretrained"]) and len(full) == 12  # q_lin, v_lin x 6 layers
-    name = next(iter(full))
-    assert full[name].norm() > 0
-    with single_thread():
-        assert torch.linalg.matrix_rank(lora[name]) <= 8  # B A has rank <= r
-    layer = tiny["lora_model"].get_submodule(name.removesuffix(".weight"))
-    assert torch.allclose(lora[name], layer.delta_weight().detach(), atol=1e-6)
-
-
-def test_plots_return_figures(tiny):
-    report = low_rank_report(tiny["full_updates"], tiny["lora_updates"])
-    for fig in (plot_comparison(tiny["rows"]), plot_training_curves(tiny), plot_update_spectra(tiny["full_updates"]),
-                plot_low_rank_report(report)):
-        assert fig.axes
-        plt.close(fig)
+def test_plots_from_a_saved_comparison():
+    saved = {"sweep": {"lora": [{"lr": 1e-3, "val_accuracy": 0.6, "val_loss": 0.6},
+                                {"lr": 3e-3, "val_accuracy": 0.7, "val_loss": 0.5}]},
+             "runs": {"lora": [{"val_curve": [{"step": 1, "accuracy": 0.5}, {"step": 2, "accuracy": 0.7}]},
+                               {"val_curve": [{"step": 1, "accuracy": 0.6}, {"step": 2, "accuracy": 0.8}]}]}}
+    rows = [{"method": "lora", "test_mean": 0.7, "test_sd": 0.1, "test_accuracy": [0.6, 0.8], "trainable_percent": 1}]
+    for ax in (plot_sweep(saved), plot_val_curves(saved), plot_accuracy(rows)):
+        assert ax.lines
+        plt.close(ax.figure)
+    name = "distilbert.transformer.layer.0.attention.q_lin.weight"
+    dW, same, _ = _synthetic()
+    fig = plot_low_rank_report(low_rank_report({name: dW}, {name: same}, k=4, r=4, pretrained={name: same},
+                                               lora_updates_other_seed={name: dW}))
+    assert fig.axes
+    plt.close(fig)
+    fig = plot_update_spectra({name: dW})
+    plt.close(fig)
 
 
 def _synthetic(d=64, rank=4, seed=0):
@@ -100,6 +68,11 @@ def test_low_rank_report_on_a_known_case():
     assert row["phi"] == pytest.approx(0.0, abs=1e-12)               # orthogonal column spaces
     [row] = low_rank_report({name: dW}, k=2)                          # without LoRA: energy only
     assert row["energy_top_k"] == pytest.approx((16 + 9) / 30) and "phi" not in row
+    # the nulls: W0's own top-k energy, and LoRA from another seed
+    W0 = torch.diag(torch.tensor([3.0, 1.0] + [0.0] * 62, dtype=torch.float64))
+    [row] = low_rank_report({name: dW}, {name: same}, k=1, r=4, pretrained={name: W0},
+                            lora_updates_other_seed={name: orthogonal})
+    assert row["energy_top_k_W0"] == pytest.approx(9 / 10) and row["phi_other_seed"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_cli_has_a_compare_subcommand():
@@ -107,4 +80,5 @@ def test_cli_has_a_compare_subcommand():
 
     args = build_parser().parse_args(["compare", "--profile", "smoke", "--methods", "full", "lora", "--out", "x.json"])
     assert args.func.__name__ == "_cmd_compare" and args.methods == ["full", "lora"] and args.out == "x.json"
-    assert build_parser().parse_args(["compare"]).methods == ["full", "lora", "head", "lora-all"]
+    args = build_parser().parse_args(["compare"])
+    assert args.methods == ["full", "lora", "lora-all", "head"] and args.seeds == 3 and not args.sweep

@@ -1,14 +1,13 @@
-"""Tests of lora_helpers.experiments: parameter budgets, the PiSSA-like init and the study runner (notebook 05)."""
+"""Tests of lora_helpers.experiments: parameter budgets, and the PiSSA-like init (notebook 05; its runs are tested in test_runner.py)."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
-from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
 from lora_helpers import LoRALinear, apply_lora, get_profile, lora_layers
-from lora_helpers.experiments import (TARGET_SETS, StudyData, VariantResult, lora_param_count, max_rank,
-                                      pissa_init_, rank_for_budget, study_profile, train_lora_variant)
+from lora_helpers.experiments import (TARGET_SETS, lora_param_count, max_rank,
+                                      pissa_init_, rank_for_budget, study_profile)
 
 
 class Block(nn.Module):
@@ -107,79 +106,3 @@ def test_pissa_init_refuses_merged_layers_and_plain_linears():
         pissa_init_(layer)
     with pytest.raises(TypeError):
         pissa_init_(nn.Linear(4, 4))
-
-
-# ------------------------------------------------------------------ the runner, on a tiny DistilBERT
-
-def tiny_backbone(name, seed=0, verbose=False, num_labels=2):
-    """A load_backbone-style callable: a 2-layer, 16-wide DistilBERT with random weights."""
-    config = DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
-                              max_position_embeddings=32, num_labels=num_labels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DistilBertForSequenceClassification(config)
-    return model.eval(), None, "tiny"
-
-
-def tiny_data(n_train=32, n_test=16, length=10, seed=0):
-    """Token ids whose label is whether token 7 occurs: a task a tiny model can start to learn."""
-    g = torch.Generator().manual_seed(seed)
-
-    def reviews(n):
-        ids = torch.randint(8, 50, (n, length), generator=g)
-        labels = torch.arange(n) % 2
-        ids[labels == 1, 1] = 7
-        return ids.tolist(), labels.tolist()
-
-    train_ids, train_labels = reviews(n_train)
-    test_ids, test_labels = reviews(n_test)
-    from lora_helpers.loop import make_batches
-    return StudyData(train_ids, train_labels, make_batches(test_ids, test_labels, 8, 0), batch_size=8, pad_id=0)
-
-
-@pytest.fixture
-def tiny_profile():
-    return get_profile("smoke", lr_lora=5e-3, epochs=2)
-
-
-def test_runner_on_a_tiny_setting(tiny_profile, capsys):
-    data = tiny_data()
-    model, res = train_lora_variant(tiny_profile, data, TARGET_SETS["q,v"], r=2, seed=0, name="tiny q,v",
-                                    backbone=tiny_backbone, device="cpu")
-    assert isinstance(res, VariantResult)
-    assert res.steps == len(res.losses) == 2 * 4 and all(math.isfinite(x) for x in res.losses)
-    assert res.lora_params == lora_param_count(model, ["q_lin", "v_lin"], 2) == 2 * 2 * 2 * 32
-    assert res.trainable_params == res.lora_params + 16 * 16 + 16 + 16 * 2 + 2  # + pre_classifier, classifier
-    assert res.scaling == tiny_profile.lora_alpha / 2 and 0.0 <= res.accuracy <= 1.0
-    assert len(lora_layers(model)) == 4
-    assert "tiny q,v" in capsys.readouterr().out
-    # the saved factors are the model's; B started at zero (the standard init)
-    for name, layer in lora_layers(model).items():
-        torch.testing.assert_close(res.delta_weight(name), layer.delta_weight().detach())
-        assert res.initial_factors[name]["B"].abs().max() == 0 and res.factors[name]["B"].abs().max() > 0
-    total = sum(layer.delta_weight().detach().square().sum() for layer in lora_layers(model).values())
-    assert res.update_norm() == pytest.approx(math.sqrt(total), rel=1e-5) and res.update_norm(initial=True) == 0
-    # only LoRA factors and the head trained
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all("lora_" in n or "classifier" in n for n in trained)
-    # the same seed repeats exactly; another seed does not
-    _, again = train_lora_variant(tiny_profile, data, TARGET_SETS["q,v"], r=2, seed=0, backbone=tiny_backbone,
-                                  device="cpu", verbose=False)
-    assert again.losses == res.losses
-    _, other = train_lora_variant(tiny_profile, data, TARGET_SETS["q,v"], r=2, seed=1, backbone=tiny_backbone,
-                                  device="cpu", verbose=False)
-    assert other.losses != res.losses
-
-
-def test_runner_rslora_and_pissa(tiny_profile):
-    data = tiny_data()
-    _, rs = train_lora_variant(tiny_profile, data, ["q_lin"], r=4, alpha=8, rslora=True, backbone=tiny_backbone,
-                               device="cpu", verbose=False)
-    assert rs.scaling == pytest.approx(8 / math.sqrt(4)) and rs.rslora
-    model, pissa = train_lora_variant(tiny_profile, data, ["q_lin"], r=4, init="pissa", backbone=tiny_backbone,
-                                      device="cpu", verbose=False)
-    assert pissa.init == "pissa" and all(math.isfinite(x) for x in pissa.losses)
-    # before training, B A * scaling was W's principal part, so B is not zero (as it is with init="zero")
-    assert all(layer.lora_B.abs().max() > 0 for layer in lora_layers(model).values())
-    with pytest.raises(ValueError):
-        train_lora_variant(tiny_profile, data, ["q_lin"], r=2, init="gaussian", backbone=tiny_backbone)

@@ -1,4 +1,4 @@
-"""Tests of lora_helpers.loop (batching, the loop, evaluate, predict, the methods) and of get_profile.
+"""Tests of lora_helpers.loop (batching, the loop, evaluate, predict), lora_helpers.methods, and get_profile.
 
 Small on purpose: the offline stand-in backbone, a few dozen IMDb reviews of at
 most 32 tokens, a handful of optimiser steps.
@@ -15,8 +15,8 @@ from lora_helpers import (PROFILES, count_parameters, get_profile, load_adapter,
                           set_seed)
 from lora_helpers.backbone import load_backbone
 from lora_helpers.data import load_imdb
-from lora_helpers.loop import (ALL_BLOCK_LINEARS, METHODS, encode, evaluate, make_batches, predict,
-                                prepare_method, train)
+from lora_helpers.loop import encode, evaluate, make_batches, predict, train
+from lora_helpers.methods import ALL_BLOCK_LINEARS, METHODS, MethodSpec, method_spec, param_groups, prepare_method
 
 SMOKE = PROFILES["smoke"]
 MAX_LENGTH = 32
@@ -121,7 +121,7 @@ def test_evaluate_against_a_hand_computed_case():
 def test_train_lowers_the_loss_and_moves_only_trainable_weights(imdb):
     set_seed(0, num_threads=None)
     model, tokenizer = backbone()
-    prepare_method(model, "lora", SMOKE)
+    prepare_method(model, method_spec("lora", SMOKE))
     ids = encode(imdb["train"]["text"][:8], tokenizer, MAX_LENGTH)
     batch = make_batches(ids, imdb["train"]["label"][:8], 8, tokenizer.pad_token_id)[0]
     frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
@@ -139,6 +139,50 @@ def test_train_lowers_the_loss_and_moves_only_trainable_weights(imdb):
     assert all(not torch.equal(params[k], v) for k, v in trainable.items())  # every A, B and the head moved
 
 
+def test_train_evaluates_every_few_steps_and_at_the_end():
+    ids, labels = [[2], [3], [5], [4]], [0, 1, 0, 1]
+    model = Linear1()
+    batches = make_batches(ids, labels, batch_size=1, pad_id=0)  # 4 steps an epoch
+    result = train(model, batches, batches[:2], lr=1e-2, epochs=2, eval_every=3, device="cpu")
+    assert [e["step"] for e in result.evals] == [3, 6, 8]  # every 3 steps, and after the last (8)
+    result = train(model, batches, batches[:2], lr=1e-2, epochs=2, device="cpu")
+    assert [e["step"] for e in result.evals] == [4, 8]     # without eval_every: after each epoch
+    assert result.evals[-1]["predictions"] and len(result.evals[-1]["predictions"]) == 2
+
+
+class Linear1(nn.Module):
+    """A classifier whose logits are ``w * onehot(first token % 2)``: something AdamW can train."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+        self.config = types.SimpleNamespace(num_labels=2)
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.w * F.one_hot(input_ids[:, 0] % 2, 2).float()
+        return types.SimpleNamespace(logits=logits, loss=F.cross_entropy(logits, labels))
+
+
+def test_param_groups_train_the_head_and_the_method_at_their_own_rates():
+    # AdamW's first step moves every weight by about lr (its update is lr * m / sqrt(v) = lr * sign(g)),
+    # so after one step the head moves by ~head_lr and LoRA's B by ~lr: the rates reached the right groups.
+    set_seed(0, num_threads=None)
+    model, tokenizer = backbone()
+    prepare_method(model, method_spec("lora", SMOKE))
+    groups = param_groups(model, lr=1e-4, head_lr=1e-2)
+    assert [g["name"] for g in groups] == ["method", "head"]
+    ids = encode(["A fine film.", "Awful."], tokenizer, MAX_LENGTH)
+    batch = make_batches(ids, [1, 0], 2, tokenizer.pad_token_id)[0]
+    head_before = model.classifier.weight.detach().clone()
+    train(model, [batch], param_groups=groups, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1e9, device="cpu")
+    head_step = (model.classifier.weight - head_before).abs().max().item()
+    b_step = max(layer.lora_B.abs().max().item() for layer in lora_layers(model).values())  # B started at 0
+    assert head_step == pytest.approx(1e-2, rel=0.05)
+    assert b_step == pytest.approx(1e-4, rel=0.05)
+    with pytest.raises(ValueError, match="exactly one of lr"):
+        train(model, [batch], device="cpu")
+
+
 def test_train_refuses_a_model_with_nothing_trainable():
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
@@ -148,16 +192,14 @@ def test_train_refuses_a_model_with_nothing_trainable():
 # ------------------------------------------------------------------ methods
 
 def test_prepare_method_trainable_counts():
-    expected_lr = {"full": SMOKE.lr_full, "head": SMOKE.lr_head, "lora": SMOKE.lr_lora, "lora-all": SMOKE.lr_lora}
     for method in METHODS:
         set_seed(0, num_threads=None)
         model, _ = backbone()
         total = count_parameters(model).total
-        lr, names = prepare_method(model, method, SMOKE)
+        names = prepare_method(model, method_spec(method, SMOKE))
         count, head = count_parameters(model), head_params(model)
         layers = lora_layers(model)
         lora = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())
-        assert lr == expected_lr[method], method
         assert count.total == total + lora, method  # LoRA adds A and B, nothing else
         if method == "full":
             assert count.trainable == count.total and names == []
@@ -169,18 +211,23 @@ def test_prepare_method_trainable_counts():
             assert lora == 12 * SMOKE.r * (384 + 384)
             assert count.trainable == lora + head
             assert count.percent < 2
-        else:  # lora-all: every Linear of the 6 blocks at r/2, same alpha/r
+        else:  # lora-all: every Linear of the 6 blocks at the same r and alpha
             assert len(names) == 36 and {n.rsplit(".", 1)[1] for n in names} == set(ALL_BLOCK_LINEARS)
-            assert {layer.r for layer in layers.values()} == {SMOKE.r // 2}
+            assert {layer.r for layer in layers.values()} == {SMOKE.r}
             assert {layer.scaling for layer in layers.values()} == {SMOKE.lora_alpha / SMOKE.r}
-            assert lora == 6 * (SMOKE.r // 2) * (4 * 768 + 2 * (384 + 1536))
+            assert lora == 6 * SMOKE.r * (4 * 768 + 2 * (384 + 1536))
             assert count.trainable == lora + head
 
 
-def test_prepare_method_unknown_method():
-    model, _ = backbone()
+def test_method_specs_refuse_what_cannot_run():
     with pytest.raises(ValueError, match="unknown method 'qlora'"):
-        prepare_method(model, "qlora", SMOKE)
+        method_spec("qlora", SMOKE)
+    with pytest.raises(ValueError, match="kind must be"):
+        MethodSpec("x", "adapter")
+    with pytest.raises(ValueError, match="needs target modules"):
+        MethodSpec("x", "lora")
+    with pytest.raises(ValueError, match="init must be"):
+        MethodSpec("x", "lora", targets=("q_lin",), init="gaussian")
 
 
 # ------------------------------------------------------------------ predict
@@ -202,7 +249,7 @@ def test_predict_output_format():
 def test_adapter_round_trip_on_the_distilbert_classifier(tmp_path, imdb):
     set_seed(0, num_threads=None)
     model, tokenizer = backbone(seed=0)
-    prepare_method(model, "lora", SMOKE)
+    prepare_method(model, method_spec("lora", SMOKE))
     with torch.no_grad():  # stands in for training: B non-zero, the head changed
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(0, 0.05)
