@@ -38,6 +38,7 @@ class Profile:
     lr_lora: float = 1e-3
     lr_full: float = 5e-5
     lr_head: float = 1e-3
+    lr_lora_all: float | None = None  # LoRA on every Linear, if its tuned rate differs from lr_lora
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -63,11 +64,13 @@ class Profile:
 PROFILES = {
     # smoke: 63 steps of 16 reviews cut at 64 tokens, so that notebook 04's 12 runs (4 methods x 3 seeds)
     # fit in CI. Rates chosen by `python -m lora_helpers compare --profile smoke --seeds 3 --sweep`
-    # (results/compare-smoke.json: the best validation accuracy of each method's sweep).
+    # (results/compare-smoke.json): each the best validation accuracy of its method's sweep, the head's
+    # from the head-only sweep. LoRA's 3e-3 is the largest rate its grid tried.
     "smoke": Profile("smoke", backbone="minilm-standin", n_train=1000, n_val=200, n_test=500, max_length=64,
-                     batch_size=16, epochs=1, eval_every=16),
-    # cpu: a laptop. Rates chosen by `python -m lora_helpers compare --profile cpu --seeds 3 --sweep`
-    # on the stand-in (results/compare-cpu.json).
+                     batch_size=16, epochs=1, eval_every=16, lr_full=1e-4, lr_lora=3e-3, lr_lora_all=1e-3,
+                     lr_head=1e-3),
+    # cpu: a laptop. Its rates are not tuned yet: `python -m lora_helpers compare --profile cpu --seeds 3 --sweep`
+    # (about an hour and a half on 2 cores) chooses them on the validation split.
     "cpu": Profile("cpu", backbone="auto", n_train=2000, n_val=400, n_test=1000, max_length=256, batch_size=16,
                    epochs=1, eval_every=42, lr_lora=5e-4),
     "gpu": Profile("gpu", backbone="auto", n_train=None, n_val=1000, n_test=None, max_length=512, batch_size=32,

@@ -116,6 +116,8 @@ def tokenize(data: DatasetDict, tokenizer, profile) -> TokenizedData:
 
 def default_lr(spec: MethodSpec, profile) -> float:
     """The method's own learning rate from the profile (tuned on validation, see ``profiles.py``)."""
+    if spec.name == "lora-all" and profile.lr_lora_all is not None:
+        return profile.lr_lora_all
     return {"full": profile.lr_full, "lora": profile.lr_lora, "head": profile.lr_head}[spec.kind]
 
 
