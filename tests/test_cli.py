@@ -140,7 +140,7 @@ def test_bad_command_lines_are_refused_before_any_work(argv, message, tmp_path, 
 @pytest.mark.parametrize("argv, env, message", [
     (["train", "--backbone", "/no/such/backbone"], {}, "Unknown backbone '/no/such/backbone'"),
     (["train"], {"LORA_IMDB_DIR": "/no/such/imdb"}, "LORA_IMDB_DIR='/no/such/imdb' is not an existing folder"),
-    (["train", "--n-train", "100000"], {}, "n_train=100000 asks for"),
+    (["train", "--n-train", "100000"], {}, "reviews, but the train split has"),
 ])
 def test_bad_input_found_while_loading_is_one_error_line(argv, env, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORA_PROFILE", "smoke")
