@@ -45,6 +45,51 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _max_length(text: str) -> int:
+    """Tokens per review: at least 3, [CLS] and [SEP] plus one token of the review (below that nothing truncates)."""
+    value = _int_at_least(1)(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"{value} leaves no room for the review: the tokenizer adds [CLS] and [SEP] "
+                                         "to each review, so use at least 3 (e.g. 128)")
+    return value
+
+
+def _device(text: str) -> str:
+    """``--device``: a device that torch knows and this machine has (checked before any work)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here; use --device cpu, or leave "
+                                             "--device out (the best available device is chosen)")
+        if device.index is not None and device.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA GPU(s), cuda:0 .. cuda:{n - 1}")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise argparse.ArgumentTypeError(f"{text!r}: Apple's MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: runs use cpu, cuda, cuda:N or mps")
+    return text
+
+
+def check_output_paths(parser: argparse.ArgumentParser, files=(), folders=()) -> None:
+    """Before any work: every output file and folder can be written (else a one-line error, exit 2)."""
+    from .utils import check_can_write
+
+    try:
+        for path in files:
+            check_can_write(path, "file")
+        for path in folders:
+            check_can_write(path, "folder")
+    except OSError as err:
+        parser.error(str(err))
+
+
 def _size(text: str) -> int | str:
     """A number of reviews, or ``all`` (the whole split; becomes ``None`` in the profile)."""
     return "all" if text.lower() == "all" else _int_at_least(1)(text)
@@ -59,12 +104,13 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-val", type=_int_at_least(2), metavar="N",
                        help="validation reviews, held out of the training split")
     group.add_argument("--n-test", type=_size, metavar="N", help="test reviews, or 'all'")
-    group.add_argument("--max-length", type=_int_at_least(1), metavar="L", help="tokens per review after truncation")
+    group.add_argument("--max-length", type=_max_length, metavar="L", help="tokens per review after truncation (>= 3)")
     group.add_argument("--epochs", type=_int_at_least(1), metavar="E")
     group.add_argument("--seed", type=_int_at_least(0), metavar="S")
     group.add_argument("--backbone", metavar="NAME",
                        help="'auto', 'distilbert-base-uncased', 'minilm-standin' or a folder with a saved DistilBERT")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps ... (default: the best available)")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="cpu, cuda, cuda:N or mps (default: the best available)")
 
 
 def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -109,12 +155,14 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .backbone import load_backbone
     from .methods import method_spec
     from .runner import load_splits, run, tokenize
+    from .utils import write_files_atomically
 
     if args.save_adapter and args.method not in ("lora", "lora-all"):
         parser.error(f"--save-adapter needs a LoRA method (lora, lora-all), not {args.method!r}")
     profile = profile_from_args(args, parser)
     spec = method_spec(args.method, profile)
     out = Path(args.out or f"runs/{args.method}-{profile.name}.json")
+    check_output_paths(parser, files=[out], folders=[args.save_adapter] if args.save_adapter else [])
     print(f"== {spec.summary()}")
     print(profile.summary())
     start = time.perf_counter()
@@ -129,8 +177,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     wall = time.perf_counter() - start
     m = result.metrics()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(m, indent=2) + "\n")
+    write_files_atomically(out.parent, {out.name: (json.dumps(m, indent=2) + "\n").encode()})  # all or nothing
     n_test = sum(map(sum, m["confusion"]))
     print(f"\n{args.method} on profile {profile.name!r}")
     print(f"  backbone      : {m['backbone']}")
@@ -157,6 +204,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
     profile = profile_from_args(args, parser)
     out = Path(args.out or f"runs/compare-{profile.name}.json")
+    check_output_paths(parser, files=[out])
     print(profile.summary())
     lrs = {m: SWEEP_LRS[m] for m in args.methods} if args.sweep else None
     start = time.perf_counter()

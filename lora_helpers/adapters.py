@@ -14,15 +14,21 @@ converts these adapters to and from PEFT's format.
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 import warnings
 from pathlib import Path
 from typing import Iterable
 
+import safetensors.torch
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from .lora import LoRALinear, _matches, apply_lora, lora_layers
+from .lora import MERGED_KEY, PISSA_KEY, LoRALinear, _matches, _name_list, apply_lora, lora_layers
+from .utils import check_can_write, write_files_atomically
 
 WEIGHTS_NAME = "lora_adapter.safetensors"
 CONFIG_NAME = "lora_adapter.json"
@@ -30,7 +36,7 @@ FORMAT = "lora_helpers-adapter/1"
 
 
 def _extra_module_names(model: nn.Module, extra: Iterable[str]) -> list[str]:
-    extra = [extra] if isinstance(extra, str) else list(extra)
+    extra = _name_list(extra, "extra")
     names = []
     for t in extra:
         hits = [n for n, _ in model.named_modules() if n and _matches(n, [t])]
@@ -42,14 +48,33 @@ def _extra_module_names(model: nn.Module, extra: Iterable[str]) -> list[str]:
 
 
 def lora_state_dict(model: nn.Module, extra: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """The adapter's tensors: every ``lora_A``/``lora_B`` plus the full state of the ``extra`` modules."""
+    """The adapter's tensors: every ``lora_A``/``lora_B`` plus the full state of the ``extra`` modules.
+
+    A layer shared under several names is stored once, under its first name.
+    """
+    layers = lora_layers(model)
     prefixes = tuple(f"{n}." for n in _extra_module_names(model, extra))
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if k.endswith((".lora_A", ".lora_B")) or k.startswith(prefixes)}
+            if (k.endswith((".lora_A", ".lora_B")) and k.rpartition(".")[0] in layers)
+            or (k.startswith(prefixes) and not k.endswith((f".{MERGED_KEY}", f".{PISSA_KEY}")))}
 
 
 def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: str | None = None) -> Path:
-    """Write the adapter (tensors + JSON config) into the folder ``path``; returns the folder."""
+    """Write the adapter (tensors + JSON config) into the folder ``path``; returns the folder.
+
+    Everything is checked and serialised before anything is written; both files are
+    then written as temporary files in the folder and renamed over the old ones, so a
+    failure leaves an adapter already in the folder as it was (only a crash between
+    the two renames, a moment, could pair the new tensors with the old config). Other
+    files in the folder are left alone.
+
+    ``base_model``: the name recorded in the config (a ``str``, or a path, stored as
+    text); default: the model's ``config._name_or_path``, else its class name.
+    Layers initialised with ``experiments.pissa_init_`` (their ``W0`` replaced by a
+    residual) are listed in the config as ``pissa_layers``; ``load_adapter`` makes the
+    same residual from the fresh base model, so the loaded model is the trained one.
+    """
+    path = Path(path)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinear layers: nothing to save (call apply_lora first)")
@@ -59,31 +84,112 @@ def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: 
     r, alpha, dropout, rslora = settings.pop()
     if base_model is None:
         base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    config = {"format": FORMAT, "base_model": base_model, "r": r, "lora_alpha": alpha,
-              "lora_dropout": dropout, "use_rslora": rslora, "target_modules": sorted(layers),
+    if isinstance(base_model, os.PathLike):
+        base_model = os.fspath(base_model)
+    if not isinstance(base_model, str):
+        raise TypeError(f"base_model must be a str (the base model's name or folder), got "
+                        f"{type(base_model).__name__} {base_model!r}")
+    config = {"format": FORMAT, "base_model": base_model, "r": int(r), "lora_alpha": _plain_number(alpha),
+              "lora_dropout": float(dropout), "use_rslora": bool(rslora), "target_modules": sorted(layers),
               "extra_modules": _extra_module_names(model, extra)}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model, extra), str(path / WEIGHTS_NAME))
-    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    pissa = sorted(n for n, m in layers.items() if m.pissa)
+    if pissa:
+        config["pissa_layers"] = pissa
+    check_can_write(path, "folder")
+    text = json.dumps(config, indent=2, allow_nan=False) + "\n"  # serialise both before writing either
+    weights = safetensors.torch.save(lora_state_dict(model, extra))
+    write_files_atomically(path, {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
     return path
+
+
+def _plain_number(x):
+    return int(x) if isinstance(x, numbers.Integral) else float(x)
 
 
 def _dropout_p(layer: LoRALinear) -> float:
     return layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
+def read_json_file(file: Path, what: str) -> dict:
+    """A JSON object from ``file``; a damaged or non-object file is a ``ValueError`` naming it."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): the {what} "
+                         "is damaged or incomplete; write it again") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not a text (UTF-8) file: the {what} is damaged; write it again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object ({{...}}), it holds a {type(config).__name__}")
+    return config
+
+
+def read_safetensors_file(file: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``file``; a damaged or truncated file is a ``ValueError`` naming it."""
+    try:
+        return load_file(str(file))
+    except SafetensorError as err:
+        raise ValueError(f"{file} cannot be read as safetensors ({err}): the {what} is damaged or incomplete "
+                         "(an interrupted copy?); write it again") from None
+
+
+def _config_problems(config: dict) -> list[str]:
+    """Every missing or ill-typed entry of an adapter config (after the format check)."""
+    problems = []
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
+    if missing:
+        problems.append(f"missing {missing}")
+    r = config.get("r", 1)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r must be an integer >= 1, got {r!r}")
+    alpha = config.get("lora_alpha", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        problems.append(f"lora_alpha must be a number > 0, got {alpha!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        problems.append(f"use_rslora must be true or false, got {config['use_rslora']!r}")
+    for key in ("target_modules", "extra_modules", "pissa_layers"):
+        names = config.get(key, ["x"] if key == "target_modules" else [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+                or (key == "target_modules" and not names):
+            problems.append(f"{key} must be a{' non-empty' if key == 'target_modules' else ''} list of layer "
+                            f"names, got {names!r}")
+    if not problems and not set(config.get("pissa_layers", [])) <= set(config["target_modules"]):
+        problems.append("pissa_layers must be among target_modules")
+    base = config.get("base_model")
+    if base is not None and not isinstance(base, str):
+        problems.append(f"base_model must be a name (text), got {base!r}")
+    return problems
+
+
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of a saved adapter, with a clear error if the folder is not one."""
+    """``(config, tensors)`` of a saved adapter, with a clear error if the folder is not one.
+
+    The config is checked (every key present and of the right type) and completed with
+    the defaults of optional keys; a damaged file is an error that names it.
+    """
     path = Path(path)
+    if path.is_file():
+        hint = (f"pass the folder that holds it, {path.parent}" if path.name in (WEIGHTS_NAME, CONFIG_NAME)
+                else "pass the folder written by save_adapter")
+        raise NotADirectoryError(f"{path} is a file; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}: "
+                                 f"{hint}")
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
         raise FileNotFoundError(f"{path} is not a lora_helpers adapter: expected {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} (written by save_adapter), found {found}")
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = read_json_file(path / CONFIG_NAME, "adapter config")
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}")
-    return config, load_file(str(path / WEIGHTS_NAME))
+    problems = _config_problems(config)
+    if problems:
+        raise ValueError(f"{path / CONFIG_NAME} is not a valid adapter config: " + "; ".join(problems)
+                         + ". Save the adapter again with save_adapter")
+    config = {"base_model": None, "lora_dropout": 0.0, "use_rslora": False, "extra_modules": [], "pissa_layers": [],
+              **config}
+    return config, read_safetensors_file(path / WEIGHTS_NAME, "adapter's tensor file")
 
 
 def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
@@ -101,6 +207,9 @@ def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
                             f"{'no such layer' if layer is None else type(layer).__name__}")
             continue
         if isinstance(layer, LoRALinear):
+            if layer.pissa and name not in config["pissa_layers"]:
+                problems.append(f"{name} is PiSSA-initialised (its base weight is a residual), the adapter was "
+                                "trained on the plain base weight: load it into a fresh base model")
             if layer.merged:
                 problems.append(f"{name} is merged: unmerge_lora(model) before loading another adapter")
             # an already-wrapped layer keeps its own r and scaling: they must be the adapter's
@@ -131,7 +240,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     """Put a saved adapter into ``model``: wrap the layers it targets (if not yet), then load its tensors.
 
     Raises ``ValueError`` naming each layer or tensor that does not fit, before
-    changing anything.
+    changing anything. An adapter of PiSSA-initialised layers (``pissa_layers`` in its
+    config) first gets the same residual base weight (``experiments.pissa_init_``).
     """
     config, tensors = read_adapter(path)
     problems = _misfits(model, config, tensors)
@@ -139,11 +249,18 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"the adapter at {path} (base model {config['base_model']!r}, r={config['r']}) does not "
                          f"fit this {type(model).__name__}:\n  - " + "\n  - ".join(problems[:10]))
     own = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if own and own != config["base_model"]:
+    if own and config["base_model"] and own != config["base_model"]:
         warnings.warn(f"adapter was trained on {config['base_model']!r}, loading into {own!r}", stacklevel=2)
     if not lora_layers(model):
         apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"],
                    config["lora_dropout"], config["use_rslora"])
+    if config["pissa_layers"]:  # the adapter was trained on W0 minus its top-r part: make that residual here too
+        from .experiments import pissa_init_
+
+        layers = lora_layers(model)
+        for name in config["pissa_layers"]:
+            if not layers[name].pissa:
+                pissa_init_(layers[name])
     with torch.no_grad():
         state = model.state_dict()
         for key, t in tensors.items():

@@ -13,9 +13,19 @@ fine-tuning update low rank?) and used at length in notebook 05
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .svd import energy_captured
+
+
+def _check_count(k, name: str, most: int, shape) -> int:
+    """``k`` directions of a matrix of ``shape``: a whole number in [1, min(shape)] (no silent clipping)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= most:
+        raise ValueError(f"{name} must be a whole number in [1, {most}] (the number of singular directions of a "
+                         f"{tuple(shape)} matrix), got {k!r}")
+    return int(k)
 
 
 def weight_updates(pretrained_state: dict, model, suffixes=("q_lin.weight", "v_lin.weight")) -> dict:
@@ -49,7 +59,8 @@ def random_like(M: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def energy_in_top(M: torch.Tensor, k: int) -> float:
-    """Share of ``||M||_F^2`` held by the top ``k`` singular directions."""
+    """Share of ``||M||_F^2`` held by the top ``k`` singular directions, ``1 <= k <= min(M.shape)``."""
+    k = _check_count(k, "k", min(M.shape), M.shape)
     S = torch.linalg.svdvals(M.double())
     return float(energy_captured(S)[k - 1])
 
@@ -103,7 +114,11 @@ def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> d
     Projects W onto the top-r singular directions of dW (``||U^T W V||_F``)
     and, for comparison, onto W's own top-r directions and onto a random r-dim
     subspace. The amplification factor is ``||dW||_F / ||U^T W V||_F``.
+    ``W`` and ``dW`` must have the same shape, and ``1 <= r <= min(W.shape)``.
     """
+    if tuple(W.shape) != tuple(dW.shape) or W.ndim != 2:
+        raise ValueError(f"W and dW must be matrices of the same shape, got {tuple(W.shape)} and {tuple(dW.shape)}")
+    r = _check_count(r, "r", min(W.shape), W.shape)
     W, dW = W.double(), dW.double()
 
     def projected(U, V):

@@ -19,6 +19,7 @@ Sources, tried in this order (the first that exists wins):
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import socket
@@ -82,6 +83,17 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 # ---------------------------------------------------------------- reading files
+def _check_rows(df: pd.DataFrame, where) -> pd.DataFrame:
+    """A split must hold reviews, each with a text; say where it does not."""
+    if df.empty:
+        raise ValueError(f"{where} holds no reviews: an IMDb split needs reviews of both labels.")
+    missing = [i for i, t in enumerate(df["text"]) if not isinstance(t, str)]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} review(s) have no text (rows {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}); fill in or drop those rows.")
+    return df
+
+
 def _read_parquet(path: Path) -> pd.DataFrame:
     """One split from a parquet file; it must have ``text`` and ``label`` columns."""
     df = pd.read_parquet(path)
@@ -91,14 +103,18 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     labels = set(df["label"].unique().tolist())
     if not labels <= {0, 1}:
         raise ValueError(f"{path}: column 'label' must hold 0 (negative) and 1 (positive); found {sorted(labels)}.")
-    return df[["text", "label"]]
+    return _check_rows(df[["text", "label"]], path)
 
 
 def _read_acl_split(split_dir: Path) -> pd.DataFrame:
     """One split of the tarball layout: ``pos/*.txt`` (label 1) and ``neg/*.txt`` (label 0)."""
     rows = []
     for label, sub in ((0, "neg"), (1, "pos")):
-        for f in sorted((split_dir / sub).glob("*.txt")):
+        files = sorted((split_dir / sub).glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"{split_dir / sub} has no .txt reviews: the aclImdb layout needs one review "
+                                    "per .txt file in train/pos, train/neg, test/pos and test/neg.")
+        for f in files:
             rows.append((f.read_text(encoding="utf-8"), label))
     return pd.DataFrame(rows, columns=["text", "label"])
 
@@ -163,6 +179,8 @@ def _balanced_subset(df: pd.DataFrame, n: int | None, seed: int, split: str) -> 
     not on the order in which the files were read.
     """
     rng = np.random.default_rng(seed)
+    if not {0, 1} <= set(df["label"].unique().tolist()):
+        raise ValueError(f"the {split} split has reviews of one label only ({len(df)} reviews); IMDb has both.")
     df = df.sort_values(["label", "text"], kind="stable").reset_index(drop=True)
     by_label = {label: df.index[df["label"] == label].to_numpy() for label in (0, 1)}
     if n is None:
@@ -187,16 +205,31 @@ def describe_imdb(ds: DatasetDict) -> str:
     return "\n".join(lines)
 
 
+def _check_size(n, name: str):
+    """``None`` or a whole number >= 1 (NumPy integers too); anything else is a clear error."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number of reviews >= 1, or None for the whole split; "
+                        f"got {type(n).__name__} {n!r}")
+    if n < 1:
+        raise ValueError(f"{name} must be a whole number of reviews >= 1, or None for the whole split; got {n}")
+    return int(n)
+
+
 def load_imdb(n_train=None, n_test=None, seed=0, data_dir=None, clean=True, verbose=True) -> DatasetDict:
     """IMDb as a ``DatasetDict`` (``train``/``test``; columns ``text``, ``label``).
 
     ``n_train``/``n_test``: size of a seeded, label-balanced subset (None = the
-    whole split). ``clean`` removes ``<br />`` tags. The source used is kept in
-    ``ds["train"].info.description``; ``verbose`` prints ``describe_imdb(ds)``.
+    whole split; otherwise a whole number >= 1). ``clean`` removes ``<br />`` tags.
+    The source used is kept in ``ds["train"].info.description``; ``verbose``
+    prints ``describe_imdb(ds)``. A source with an empty split, a split of one
+    label, or a review without text is an error naming the file or folder.
     """
+    sizes = {"n_train": _check_size(n_train, "n_train"), "n_test": _check_size(n_test, "n_test")}
     raw, source = _read_raw(data_dir)
     ds = DatasetDict()
-    for split, n in zip(SPLITS, (n_train, n_test)):
+    for split, n in zip(SPLITS, sizes.values()):
         df = _balanced_subset(raw[split], n, seed, split)
         if clean:
             df["text"] = df["text"].map(clean_text)

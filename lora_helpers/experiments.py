@@ -108,11 +108,19 @@ def pissa_init_(layer: LoRALinear) -> LoRALinear:
     layer's scaling), so ``s * B A = P``, and the frozen weight becomes the
     residual ``W - P``. The layer's output is unchanged; training now starts on
     W's principal directions instead of on a zero update (Meng et al. 2024).
+
+    The layer is marked (``layer.pissa = True``, also in its ``state_dict``):
+    ``save_adapter`` records it and ``load_adapter`` makes the same residual from a
+    fresh base model. A second call on the same layer is refused (it would take the
+    residual's own top part out too).
     """
     if not isinstance(layer, LoRALinear):
         raise TypeError(f"pissa_init_ needs a LoRALinear, got {type(layer).__name__}")
     if layer.merged:
         raise RuntimeError("pissa_init_ on a merged layer: unmerge() it first")
+    if layer.pissa:
+        raise RuntimeError("this layer is already PiSSA-initialised: its base weight is the residual W - P, and a "
+                           "second call would remove the residual's top part too. Start from a fresh layer")
     W = layer.base.weight
     U, S, Vh = torch.linalg.svd(W.detach().double().cpu(), full_matrices=False)  # float64 on CPU: exact, any device
     r, root_s = layer.r, math.sqrt(layer.scaling)
@@ -121,6 +129,7 @@ def pissa_init_(layer: LoRALinear) -> LoRALinear:
     layer.lora_B.copy_((U[:, :r] * root) / root_s)
     layer.lora_A.copy_((root[:, None] * Vh[:r]) / root_s)
     W.copy_(W.double().cpu() - principal)
+    layer.pissa = True
     return layer
 
 

@@ -12,6 +12,7 @@ training run of any method) and ``python -m lora_helpers`` use it.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,13 +26,29 @@ from .utils import get_device
 
 # ------------------------------------------------------------------ batching
 
+def check_max_length(tokenizer, max_length) -> None:
+    """``max_length`` must leave room for one token of text after the special tokens ([CLS], [SEP]).
+
+    Below that the tokenizer cannot truncate and returns the whole review (hundreds of tokens).
+    """
+    special = tokenizer.num_special_tokens_to_add(pair=False) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length <= special:
+        raise ValueError(f"max_length must be a whole number >= {special + 1}, got {max_length!r}: the tokenizer adds "
+                         f"{special} special tokens to each text and needs room for one token of the text (e.g. 128)")
+
+
 def encode(texts, tokenizer, max_length: int) -> list[list[int]]:
     """Token ids of each text, truncated to ``max_length`` (no padding yet)."""
+    check_max_length(tokenizer, max_length)
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
 def make_batches(input_ids, labels, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0):
     """A list of batches, each padded only to its own longest review (dynamic padding)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if len(input_ids) != len(labels):
+        raise ValueError(f"{len(input_ids)} token lists but {len(labels)} labels: one label per review")
     order = torch.randperm(len(input_ids), generator=torch.Generator().manual_seed(seed)).tolist() \
         if shuffle else list(range(len(input_ids)))
     batches = []
@@ -109,6 +126,11 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | Non
     params = [p for g in param_groups for p in g["params"]]
     if not params:
         raise ValueError("no trainable parameters: use mark_only_lora_trainable / freeze_all_except first")
+    if len(train_batches) == 0:
+        raise ValueError("train_batches is empty: nothing to train on (no training reviews? a batch list built "
+                         "from an empty split?)")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise ValueError(f"epochs must be a whole number >= 1, got {epochs!r}")
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     total = epochs * len(train_batches)
     warmup = max(1, int(warmup_ratio * total))
@@ -150,6 +172,8 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | Non
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device=None) -> dict:
     """Accuracy, mean loss, the confusion matrix (rows: true label, columns: predicted) and each prediction."""
+    if hasattr(batches, "__len__") and len(batches) == 0:
+        raise ValueError("no batches to evaluate: accuracy and loss are undefined on an empty test set")
     device = get_device() if device is None else torch.device(device)
     model.to(device).eval()
     n_labels = model.config.num_labels
@@ -165,13 +189,26 @@ def evaluate(model: nn.Module, batches, device=None) -> dict:
         predictions += pred.tolist()
         for t, p in zip(batch["labels"].cpu().tolist(), pred.tolist()):
             confusion[t, p] += 1
+    if n == 0:
+        raise ValueError("the batches hold no examples: accuracy and loss are undefined on an empty test set")
     return {"accuracy": confusion.diag().sum().item() / n, "loss": loss_sum / n, "n": n,
             "confusion": confusion.tolist(), "predictions": predictions}
 
 
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer, texts, max_length: int = 256, device=None) -> list[dict]:
-    """Label and class probabilities for each text (IMDb: 0 = negative, 1 = positive)."""
+    """Label and class probabilities for each text (IMDb: 0 = negative, 1 = positive).
+
+    ``texts``: a list of strings, or one string (one review, one prediction); an empty
+    list gives an empty list.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings; item {bad[0]} is a {type(texts[bad[0]]).__name__}")
+    check_max_length(tokenizer, max_length)
+    if not texts:
+        return []
     device = get_device() if device is None else torch.device(device)
     model.to(device).eval()
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")

@@ -12,6 +12,7 @@ first written out cell by cell; every later notebook imports it from here.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -25,29 +26,59 @@ class LoRALinear(nn.Module):
 
     Args:
         base: the pretrained layer; its weight and bias are frozen in place.
-        r: rank of the update, 1 <= r <= min(d_in, d_out).
-        lora_alpha: scale numerator; ``scaling = lora_alpha / r`` (or
+        r: rank of the update, an integer (also a NumPy integer) with 1 <= r <= min(d_in, d_out).
+        lora_alpha: scale numerator, a finite number > 0; ``scaling = lora_alpha / r`` (or
             ``lora_alpha / sqrt(r)`` with ``use_rslora=True``, Kalajdzievski 2023).
         lora_dropout: dropout on the LoRA branch's input only, in [0, 1).
+
+    State: besides ``lora_A``/``lora_B`` (and ``base.weight``/``base.bias``), the
+    ``state_dict`` holds two flags, ``lora_merged`` (``base.weight`` holds
+    ``W0 + scaling * B A``) and ``lora_pissa`` (``base.weight`` is the residual left by
+    ``experiments.pissa_init_``), so that a state always says what its ``base.weight`` is.
+    ``load_state_dict`` keeps ``W0`` exact:
+
+    * a state with ``base.weight`` and its flags is taken as it is (a merged state stays
+      merged, an unmerged one into a merged layer leaves it unmerged); the update is never
+      added twice, and a later ``unmerge()`` subtracts the update that was added;
+    * a state with only ``lora_A``/``lora_B`` (e.g. ``lora_state_dict``) loaded into a
+      merged layer first takes the old update out of ``W0``, then merges the new one;
+    * a state without the flags (saved before they existed) counts as unmerged, plain ``W0``.
+
+    Meta device: a layer built under ``torch.device("meta")`` holds no memory; after
+    ``to_empty(device=...)`` every tensor, ``lora_B`` included, is uninitialised memory
+    (not zero). Load a complete ``state_dict`` next, or call ``reset_parameters()``
+    (``A`` random, ``B`` zero) and load ``W0`` into ``base``.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
-        _check_lora_args(base, r, lora_alpha, lora_dropout)
+        r, lora_alpha, lora_dropout = _check_lora_args(base, r, lora_alpha, lora_dropout)
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, bool(use_rslora)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
+        self.reset_parameters()
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False  # True while base.weight holds W0 + scaling * B A
+        self.pissa = False   # True after experiments.pissa_init_: base.weight is W0 minus its top-r part
+        self._pending_load = None
+        self.register_load_state_dict_post_hook(_finish_load)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's init: ``A`` random (``nn.Linear``'s Kaiming uniform), ``B`` zero, so that ``B A = 0``.
+
+        ``W0`` is not touched: it is the pretrained weight (load it into ``base``).
+        """
         # A random, B zero: the update B @ A is exactly zero at init, yet B's
         # gradient (which depends on A x) is not, so training can start.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.merged = False
+        nn.init.zeros_(self.lora_B)
 
     @property
     def in_features(self) -> int:
@@ -90,20 +121,80 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}")
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+                + (", pissa=True" if self.pissa else ""))
+
+    # -------------------------------------------------------------- state_dict
+    # The two flags travel with the tensors, so that a state says what its base.weight holds.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        device = self.lora_A.device if self.lora_A.device.type != "meta" else "cpu"
+        for key, value in ((MERGED_KEY, self.merged), (PISSA_KEY, self.pissa)):
+            destination[prefix + key] = torch.tensor(value, device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        flags = {key: bool(state_dict[prefix + key]) for key in (MERGED_KEY, PISSA_KEY) if prefix + key in state_dict}
+        has_w = prefix + "base.weight" in state_dict
+        has_ab = [prefix + p in state_dict for p in ("lora_A", "lora_B")]
+        name = prefix.rstrip(".") or "LoRALinear"
+        if has_w and flags.get(MERGED_KEY) and not all(has_ab):
+            error_msgs.append(f"{name}: the state holds a merged base.weight (W0 + scaling * B A) without its "
+                              "lora_A and lora_B, so the update in it cannot be taken out again; load a complete "
+                              "state_dict")
+            has_w = False  # handled below as if base.weight were absent: W0 stays as it is
+        if not has_w and PISSA_KEY in flags and flags[PISSA_KEY] != self.pissa:
+            error_msgs.append(f"{name}: the state's lora_A/lora_B were made for a base weight "
+                              f"{'with' if flags[PISSA_KEY] else 'without'} the PiSSA residual, this layer's is "
+                              f"{'' if self.pissa else 'not '}one; load a state that includes base.weight")
+        if has_w or any(has_ab) or MERGED_KEY in flags:
+            wanted = flags.get(MERGED_KEY, self.merged)  # no flag in the state: the layer stays as it was
+            if has_w:   # the incoming W0 holds the update exactly when the state says so (no flag: it does not)
+                form = flags.get(MERGED_KEY, False)
+            else:       # our own W0 stays: take the current update out of it before A and B change
+                self.unmerge()
+                form = False
+            self._pending_load = (form, wanted, flags.get(PISSA_KEY, False) if has_w else self.pissa)
+        own = {k: v for k, v in state_dict.items() if k not in (prefix + MERGED_KEY, prefix + PISSA_KEY)}
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-def _check_lora_args(base, r, lora_alpha, lora_dropout) -> None:
+MERGED_KEY, PISSA_KEY = "lora_merged", "lora_pissa"
+
+
+def _finish_load(layer: LoRALinear, incompatible_keys) -> None:
+    """After ``load_state_dict`` filled the layer (and its ``base``): set the flags, merge or unmerge as asked."""
+    if layer._pending_load is None:
+        return
+    form, wanted, pissa = layer._pending_load
+    layer._pending_load = None
+    layer.merged, layer.pissa = form, pissa
+    if wanted:
+        layer.merge()
+    else:
+        layer.unmerge()
+
+
+def _check_lora_args(base, r, lora_alpha, lora_dropout) -> tuple[int, float, float]:
+    """Check the arguments of ``LoRALinear``; returns them as plain Python numbers (``int``, number, ``float``)."""
     if not isinstance(base, nn.Linear):
         raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
     max_r = min(base.in_features, base.out_features)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max_r:
+    # numbers.Integral admits NumPy integers (np.int64(4)); bool is not a rank, nor is 2.0
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= max_r:
         raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, {max_r}] "
                          f"for a {base.in_features}->{base.out_features} layer, got {r!r}")
-    if not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be > 0 (scaling = lora_alpha / r), got {lora_alpha!r}")
-    if not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"lora_alpha must be > 0, a number (scaling = lora_alpha / r), got "
+                        f"{type(lora_alpha).__name__} {lora_alpha!r}" + (": write it without quotes" if
+                                                                       isinstance(lora_alpha, str) else ""))
+    if not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be > 0 and finite (scaling = lora_alpha / r), got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), a number, got {lora_dropout!r}")
+    alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+    return int(r), alpha, float(lora_dropout)
 
 
 # ---------------------------------------------------------------- whole models
@@ -131,16 +222,23 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     ``target_modules`` is a name or a list of names matched on a dot boundary
     (``"q_lin"`` matches ``...attention.q_lin`` but not ``...attention.xq_lin``).
     Everything is checked before anything changes. Returns the wrapped names.
+
+    A layer shared under several names (``model.b = model.a``, tied weights) is one
+    layer: a target matching any of its names wraps it once, and the same
+    ``LoRALinear`` is put under every name, so that no call bypasses it. It is listed
+    under its first name (as ``named_modules()`` and ``lora_layers`` list it).
     """
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    targets = _name_list(target_modules, "target_modules")
     if not targets:
         raise ValueError("target_modules is empty: name at least one nn.Linear, e.g. ['q_lin', 'v_lin']")
     linears = linear_names(model)
     modules = dict(model.named_modules())
+    first_name = {id(m): n for n, m in modules.items()}
+    every_name = list(model.named_modules(remove_duplicate=False))  # a shared module once per name
     wrapped = set(lora_layers(model))
     chosen = []
     for t in targets:
-        hits = [n for n in modules if n and _matches(n, [t])]
+        hits = list(dict.fromkeys(first_name[id(m)] for n, m in every_name if n and _matches(n, [t])))
         if any(n in wrapped for n in hits):
             raise ValueError(f"target {t!r} is already LoRA-wrapped ({[n for n in hits if n in wrapped][:3]}); "
                              "use a fresh model, or merge_and_unload(model) first")
@@ -156,10 +254,31 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     for n in chosen:  # validate every layer before changing any
         _check_lora_args(modules[n], r, lora_alpha, lora_dropout)
     for n in chosen:
-        parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(modules[n], r, lora_alpha, lora_dropout, use_rslora))
+        layer = LoRALinear(modules[n], r, lora_alpha, lora_dropout, use_rslora)
+        for alias in [a for a, m in every_name if m is modules[n]]:
+            _replace(model, alias, layer)
     return chosen
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _name_list(names, what: str) -> list[str]:
+    """A module name or a list of names, as a list of str; anything else (None, a number) is a clear TypeError."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise TypeError(f"{what} must be a module name or a list of names (e.g. ['q_lin', 'v_lin']), "
+                        f"got {names!r}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must hold module names (str), got {bad[:3]!r}")
+    return names
 
 
 def _summarise(names: list[str], limit: int = 12) -> str:
@@ -174,7 +293,7 @@ def freeze_all_except(model: nn.Module, module_names: Iterable[str] = ()) -> lis
     Returns the names of the modules left trainable. An entry that matches no
     module raises (a silently frozen classifier head trains nothing).
     """
-    module_names = [module_names] if isinstance(module_names, str) else list(module_names)
+    module_names = _name_list(module_names, "module_names")
     found = []
     for t in module_names:  # resolve every name before freezing anything
         hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, [t])]
@@ -226,11 +345,10 @@ def unmerge_lora(model: nn.Module) -> int:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then put the plain ``nn.Linear`` back in each LoRA layer's place: same outputs, no LoRA."""
-    for name, layer in lora_layers(model).items():
+    for layer in lora_layers(model).values():
         layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base)
+    for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]:
+        _replace(model, name, layer.base)  # every name of a shared layer
     return model
 
 

@@ -25,19 +25,23 @@ Introduced in notebook 06 (``06_adapters_in_practice.ipynb``).
 """
 from __future__ import annotations
 
-import json
+import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
+import safetensors.torch
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from .lora import LoRALinear, _matches, apply_lora, linear_names, lora_layers, mark_only_lora_trainable
+from .adapters import read_json_file, read_safetensors_file
+from .lora import LoRALinear, _matches, _name_list, apply_lora, linear_names, lora_layers, mark_only_lora_trainable
+from .utils import check_can_write, write_files_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's older (pickle) format: removed when we write the safetensors
 PREFIX = "base_model.model."
 # PeftModelForSequenceClassification always adds these to modules_to_save
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -83,12 +87,23 @@ def export_to_peft(model: nn.Module, path, base_model_name_or_path: str | None =
             sequence classifier, ``None`` for a plain model.
 
     Returns the folder. Load it with ``PeftModel.from_pretrained(fresh_backbone, path)``.
+    Everything is checked and serialised first, then both files are written atomically
+    (temporary files renamed into place), so a failure leaves an older adapter in the
+    folder as it was. A stale ``adapter_model.bin`` (PEFT's older format, which PEFT
+    would otherwise find beside ours) is removed; other files are left alone.
+    PiSSA-initialised layers are refused: their adapter fits only the residual base weight.
     """
     from peft import LoraConfig  # imported here: only this module needs PEFT
 
+    path = Path(path)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinear layers: nothing to export (call apply_lora first)")
+    pissa = sorted(n for n, m in layers.items() if m.pissa)
+    if pissa:
+        raise ValueError(f"{pissa[:3]} are PiSSA-initialised: their base weight is a residual, so a plain PEFT LoRA "
+                         "adapter would not reproduce the model on the original backbone. Keep it with save_adapter "
+                         "(which records the PiSSA init)")
     settings = {(m.r, m.lora_alpha, m.use_rslora) for m in layers.values()}
     if len(settings) != 1:
         raise ValueError(f"export_to_peft writes one (r, lora_alpha, use_rslora) for all layers, found {settings}")
@@ -96,7 +111,7 @@ def export_to_peft(model: nn.Module, path, base_model_name_or_path: str | None =
     dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in layers.values()}
     dropout = max(dropouts)  # only matters for training; one value per config in PEFT
 
-    head_modules = [head_modules] if isinstance(head_modules, str) else list(head_modules)
+    head_modules = _name_list(head_modules, "head_modules")
     for h in head_modules:  # our own (dot-boundary) match must find each head module
         if not any(_matches(n, [h]) for n, _ in model.named_modules() if n):
             raise ValueError(f"head module {h!r} matches nothing in {type(model).__name__}; "
@@ -125,11 +140,13 @@ def export_to_peft(model: nn.Module, path, base_model_name_or_path: str | None =
                         target_modules=_target_list(model, sorted(layers)), bias="none",
                         modules_to_save=head_modules or None, task_type=task_type,
                         base_model_name_or_path=base_model_name_or_path, inference_mode=True)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(path))
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    return path
+    check_can_write(path, "folder")
+    with tempfile.TemporaryDirectory() as tmp:  # PEFT writes its own JSON; we take the bytes
+        config.save_pretrained(tmp)
+        config_bytes = (Path(tmp) / CONFIG_NAME).read_bytes()
+    weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    return write_files_atomically(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes},
+                                  remove=(PICKLE_WEIGHTS_NAME,))
 
 
 # ------------------------------------------------------------------ import
@@ -200,16 +217,35 @@ def read_peft_adapter(source, adapter_name: str = "default") -> tuple[dict, dict
         tensors = get_peft_model_state_dict(source, adapter_name=adapter_name, save_embedding_layers=False)
         return config, {k: v.detach() for k, v in tensors.items()}
     path = Path(source)
+    if path.is_file():
+        hint = (f"pass the folder that holds it, {path.parent}" if path.name in (WEIGHTS_NAME, CONFIG_NAME,
+                                                                                PICKLE_WEIGHTS_NAME)
+                else "pass the folder written by PEFT's save_pretrained")
+        raise NotADirectoryError(f"{path} is a file; a PEFT adapter is a folder with {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME}: {hint}")
     if not (path / CONFIG_NAME).is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}, "
                                 f"found {found}")
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = read_json_file(path / CONFIG_NAME, "PEFT adapter config")
     if not (path / WEIGHTS_NAME).is_file():
         if str(config.get("peft_type")).upper() != "LORA":
             return config, {}
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (only safetensors adapters are read)")
-    return config, load_file(str(path / WEIGHTS_NAME))
+    return config, read_safetensors_file(path / WEIGHTS_NAME, "PEFT adapter's tensor file")
+
+
+def _lora_numbers(config: dict) -> list[str]:
+    """Problems with ``r``, ``lora_alpha``, ``lora_dropout`` of a LoRA config (missing or of the wrong type)."""
+    problems = []
+    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r must be an integer >= 1, got {'nothing' if 'r' not in config else repr(r)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        problems.append(f"lora_alpha must be a number > 0, got {'nothing' if 'lora_alpha' not in config else repr(alpha)}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
+    return problems
 
 
 def import_from_peft(model: nn.Module, source, adapter_name: str = "default") -> nn.Module:
@@ -229,6 +265,11 @@ def import_from_peft(model: nn.Module, source, adapter_name: str = "default") ->
     """
     config, tensors = read_peft_adapter(source, adapter_name)
     problems = _unsupported(config)
+    if not problems:
+        numbers = _lora_numbers(config)
+        if numbers:
+            where = f"{Path(source) / CONFIG_NAME}" if not hasattr(source, "peft_config") else "the PeftModel's config"
+            raise ValueError(f"{where} is not a valid LoRA config: " + "; ".join(numbers))
     if problems:
         raise ValueError("cannot import this PEFT adapter into LoRALinear:\n  - " + "\n  - ".join(problems)
                          + f"\nSupported: {SUPPORTED}.")

@@ -1,7 +1,9 @@
 """Small utilities used by every notebook: seeding, device choice, versions.
 
 Introduced in notebook 01 (``set_seed``, ``print_versions``); ``get_device`` in
-notebook 03.
+notebook 03. ``check_can_write`` and ``write_files_atomically`` serve the
+functions that write files (``save_adapter``, introduced in notebook 02;
+``export_to_peft``; the command line).
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import importlib.metadata
 import os
 import platform
 import random
+import uuid
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,3 +61,72 @@ def print_versions(packages=("torch", "transformers", "datasets", "peft", "numpy
     """Print one line per library: the first cell of every notebook."""
     for name, version in versions(packages).items():
         print(f"{name:>12}: {version}")
+
+
+# ------------------------------------------------------------------ writing files safely
+# Used by adapters.save_adapter, peft_interop.export_to_peft and the command line.
+
+def check_can_write(path, kind: str = "file") -> Path:
+    """Check, without changing anything, that ``path`` can be written as a ``kind`` ("file" or "folder").
+
+    Raises a clear ``OSError`` when ``path`` is the wrong kind of thing (a folder where
+    a file is to go, or the reverse), lies under a file, or under a folder that is
+    not writable. Missing folders on the way are fine (they will be created).
+    Returns ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    if kind == "file" and path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; a file name is needed here (e.g. {path / 'results.json'})")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; a folder is needed here (e.g. {path.with_suffix('')}_dir)")
+    for parent in path.parents:  # the nearest existing folder above must be a writable folder
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot write {path}: the folder {parent} is not writable")
+            break
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"cannot write {path}: it is not writable")
+    return path
+
+
+def write_files_atomically(folder, files: dict, remove=()) -> Path:
+    """Write ``{file name: bytes}`` into ``folder`` all or nothing; returns the folder.
+
+    Each file is first written to a temporary file in the same folder, and only
+    when all are written are they renamed over their final names (a rename within
+    one folder replaces the old file in one step). On any failure the temporary
+    files are deleted and a folder this call created is removed again, so an older
+    version of the files stays as it was. ``remove``: names of stale files to delete
+    once the new ones are in place. Other files in the folder are left alone.
+    """
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = {}
+    try:
+        for name, data in files.items():
+            tmp = folder / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            temporary[name] = tmp
+            with open(tmp, "xb") as f:  # "x": never over an existing file; the mode follows the umask
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in temporary.items():
+            os.replace(tmp, folder / name)
+    except BaseException:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+        for p in created:  # innermost first; only folders this call made, and only if empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    for name in remove:
+        if name not in files:
+            (folder / name).unlink(missing_ok=True)
+    return folder

@@ -249,3 +249,180 @@ def test_loaded_layers_are_lora_linear(saved):
     fresh = load_adapter(base_net(), path)
     assert all(isinstance(m, LoRALinear) for m in [fresh.attn.q, fresh.attn.v])
     assert type(fresh.ffn) is nn.Linear
+
+
+# ------------------------------------------------------------------ robustness (issue 14)
+
+def outputs_of_folder(path):
+    """What the adapter in ``path`` computes on X, loaded into a fresh base model."""
+    with torch.no_grad():
+        return load_adapter(base_net(), path).eval()(X)
+
+
+def test_a_save_that_fails_leaves_the_previous_adapter_as_it_was(saved, monkeypatch):
+    model, path = saved
+    files = {f.name: f.read_bytes() for f in path.iterdir()}
+    other = trained_net(r=4, lora_alpha=8)  # different tensors and config
+
+    def broken_dumps(*args, **kwargs):
+        raise TypeError("cannot serialise this")
+
+    monkeypatch.setattr("lora_helpers.adapters.json.dumps", broken_dumps)
+    with pytest.raises(TypeError, match="cannot serialise"):
+        save_adapter(other, path, extra=["head"])
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == files  # not one byte changed, no stray file
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.equal(outputs_of_folder(path), model(X))
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_adapter_and_no_temporary_file(saved, monkeypatch):
+    _, path = saved
+    files = {f.name: f.read_bytes() for f in path.iterdir()}
+    calls = []
+
+    def fsync_then_disk_full(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the second file: as if the disk were full
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("lora_helpers.utils.os.fsync", fsync_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(trained_net(r=4), path, extra=["head"])
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == files
+
+
+def test_a_failed_save_into_a_new_folder_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr("lora_helpers.utils.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(trained_net(), tmp_path / "new" / "adapter")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("base_model, error", [(123, "base_model must be a str"), (["a"], "base_model must be a str")])
+def test_a_base_model_that_is_not_a_name_is_refused_before_writing(saved, base_model, error):
+    model, path = saved
+    files = {f.name: f.read_bytes() for f in path.iterdir()}
+    with pytest.raises(TypeError, match=error):
+        save_adapter(trained_net(r=4), path, base_model=base_model)
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == files
+
+
+def test_numpy_alpha_and_a_path_as_base_model_are_saved_as_plain_values(tmp_path):
+    import numpy as np
+
+    model = trained_net(r=np.int64(2), lora_alpha=np.float32(4))
+    path = save_adapter(model, tmp_path / "a", extra=["head"], base_model=tmp_path / "backbone")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model"]) == (2, 4.0, str(tmp_path / "backbone"))
+    with torch.no_grad():
+        assert torch.equal(outputs_of_folder(path), model(X))
+
+
+def test_saving_over_a_file_is_refused(tmp_path):
+    target = tmp_path / "adapter"
+    target.write_text("my notes")
+    with pytest.raises(NotADirectoryError, match="is a file; a folder is needed"):
+        save_adapter(trained_net(), target)
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        save_adapter(trained_net(), target / "inside")
+    assert target.read_text() == "my notes"
+
+
+def pissa_net(seed=1):
+    """The pretrained model, LoRA on q and v initialised with pissa_init_, then "trained" (A, B, head changed)."""
+    from lora_helpers.experiments import pissa_init_
+
+    net = base_net()
+    apply_lora(net, ["q", "v"], r=2, lora_alpha=4)
+    for layer in lora_layers(net).values():
+        pissa_init_(layer)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(net).values():
+            layer.lora_A.add_(0.1 * torch.randn_like(layer.lora_A))
+            layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))
+        net.head.weight.normal_()
+    return net.eval()
+
+
+def test_a_pissa_adapter_loads_into_a_fresh_base_model_as_the_trained_model(tmp_path):
+    model = pissa_net()
+    path = save_adapter(model, tmp_path / "a", extra=["head"])
+    config, _ = read_adapter(path)
+    assert config["pissa_layers"] == ["attn.q", "attn.v"]
+    fresh = load_adapter(base_net(), path).eval()
+    assert all(layer.pissa for layer in lora_layers(fresh).values())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), model(X), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fresh.attn.q.base.weight, model.attn.q.base.weight, rtol=0, atol=0)  # the residual
+
+
+def test_a_pissa_state_dict_keeps_the_mark_for_a_later_save(tmp_path):
+    source = pissa_net()
+    target = base_net()
+    apply_lora(target, ["q", "v"], r=2, lora_alpha=4)
+    target.load_state_dict(source.state_dict())
+    assert target.attn.q.pissa and target.attn.v.pissa
+    path = save_adapter(target, tmp_path / "a", extra=["head"])
+    assert read_adapter(path)[0]["pissa_layers"] == ["attn.q", "attn.v"]
+    with torch.no_grad():
+        torch.testing.assert_close(outputs_of_folder(path), source(X), rtol=0, atol=1e-6)
+
+
+def test_a_plain_adapter_into_a_pissa_initialised_model_is_refused(saved):
+    from lora_helpers.experiments import pissa_init_
+
+    _, path = saved
+    model = base_net()
+    apply_lora(model, ["q", "v"], r=2, lora_alpha=4)
+    pissa_init_(model.attn.q)
+    check_refused(model, path, ValueError, "attn.q is PiSSA-initialised")
+
+
+def rewrite_config(path, **changes):
+    config = json.loads((path / CONFIG_NAME).read_text())
+    for key, value in changes.items():
+        if value is None:
+            del config[key]
+        else:
+            config[key] = value
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(r=None), r"missing \['r'\]"),
+    (dict(target_modules=None), r"missing \['target_modules'\]"),
+    (dict(r="2"), "r must be an integer >= 1, got '2'"),
+    (dict(lora_alpha=-1), "lora_alpha must be a number > 0"),
+    (dict(target_modules="attn.q"), "target_modules must be a non-empty list"),
+])
+def test_a_config_with_missing_or_wrong_entries_names_the_file_and_the_entry(saved, changes, match):
+    _, path = saved
+    rewrite_config(path, **changes)
+    check_refused(base_net(), path, ValueError, f"{CONFIG_NAME} is not a valid adapter config: .*{match}")
+
+
+def test_invalid_json_names_the_file(saved):
+    _, path = saved
+    (path / CONFIG_NAME).write_text('{"format": "lora_helpers-adapter/1", "r": 2,')
+    check_refused(base_net(), path, ValueError, rf"{CONFIG_NAME} is not valid JSON .*line 1")
+
+
+def test_a_truncated_tensor_file_names_the_file(saved):
+    _, path = saved
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[:len(data) // 2])
+    check_refused(base_net(), path, ValueError, rf"{WEIGHTS_NAME} cannot be read as safetensors .*damaged or incomplete")
+
+
+def test_the_tensor_file_instead_of_its_folder_says_so(saved):
+    _, path = saved
+    with pytest.raises(NotADirectoryError, match=rf"is a file; .*pass the folder that holds it, {path}"):
+        load_adapter(base_net(), path / WEIGHTS_NAME)
+
+
+def test_extra_must_be_names(tmp_path):
+    with pytest.raises(TypeError, match="extra must be a module name or a list of names"):
+        save_adapter(trained_net(), tmp_path / "a", extra=None)
+    assert not (tmp_path / "a").exists()

@@ -175,3 +175,32 @@ def test_weight_updates_of_a_lora_model_equal_scaling_B_A():
                                    3.0 * layer.lora_B.detach() @ layer.lora_A.detach(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         weight_updates(before, model, suffixes=("nothing.weight",))
+
+
+# ------------------------------------------------------------------ robustness (issue 14)
+
+@pytest.mark.parametrize("k", [0, -1, 13, 2.0, True])
+def test_energy_in_top_refuses_k_outside_the_spectrum(k):
+    M = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"k must be a whole number in \[1, 12\] .* \(16, 12\) matrix"):
+        energy_in_top(M, k)
+
+
+def test_energy_in_top_at_the_ends_of_the_spectrum():
+    M = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    assert energy_in_top(M, 1) == pytest.approx(9 / 14)
+    assert energy_in_top(M, 3) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("r", [0, 13, 50])
+def test_amplification_refuses_r_beyond_the_rank_instead_of_clipping(r):
+    g = torch.Generator().manual_seed(0)
+    W, dW = torch.randn(16, 12, generator=g), torch.randn(16, 12, generator=g)
+    with pytest.raises(ValueError, match=r"r must be a whole number in \[1, 12\]"):
+        amplification(W, dW, r=r)
+    assert amplification(W, dW, r=12)["r"] == 12
+
+
+def test_amplification_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"same shape, got \(16, 12\) and \(12, 16\)"):
+        amplification(torch.randn(16, 12), torch.randn(12, 16), r=2)

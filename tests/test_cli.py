@@ -75,3 +75,86 @@ def test_profile_overrides(monkeypatch):
     assert profile.n_test == 500 and profile.max_length == 64  # not given: the profile's own
     args = parser.parse_args(["train", "--profile", "cpu", "--max-length", "64"])
     assert (args.method, profile_from_args(args, parser).max_length) == ("lora", 64)
+
+
+# ------------------------------------------------------------------ bad input: one clear line, never a traceback
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started although the command line was bad")
+
+
+# {dir}: an existing folder, {file}: an existing file
+REFUSED_BEFORE_ANY_WORK = [
+    (["train", "--device", "bogus"], "unknown device 'bogus'"),
+    (["train", "--device", "cuda:99"], "'cuda:99'"),
+    (["compare", "--device", "bogus"], "unknown device 'bogus'"),
+    (["train", "--max-length", "1"], "leaves no room for the review"),
+    (["train", "--max-length", "2"], "use at least 3"),
+    (["train", "--max-length", "ten"], "expected an integer, got 'ten'"),
+    (["train", "--n-train", "-2"], "expected an integer >= 1, got -2"),
+    (["train", "--out", "{dir}"], "is a folder; a file name is needed"),
+    (["train", "--out", "{file}/m.json"], "is a file, not a folder"),
+    (["compare", "--out", "{dir}"], "is a folder; a file name is needed"),
+    (["train", "--save-adapter", "{file}"], "is a file; a folder is needed"),
+    (["train", "--save-adapter", "{file}/adapter"], "is a file, not a folder"),
+    (["train", "--method", "head", "--save-adapter", "{dir}"], "--save-adapter needs a LoRA method"),
+    (["train", "--profile", "huge"], "invalid choice: 'huge'"),
+    (["fit"], "invalid choice: 'fit'"),
+]
+
+
+def run_main(argv, capsys):
+    """``main(argv)``: its exit code (returned or raised) and what it printed. Any other exception fails the test."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_clear_error(code, out, err, message):
+    assert code not in (0, None), (out, err)
+    assert "Traceback" not in out + err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+@pytest.mark.parametrize("argv, message", REFUSED_BEFORE_ANY_WORK)
+def test_bad_command_lines_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_PROFILE", "smoke")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for target in ("lora_helpers.data.load_imdb", "lora_helpers.backbone.load_backbone",
+                   "lora_helpers.loop.run_experiment", "lora_helpers.runner.run", "lora_helpers.runner.load_splits",
+                   "lora_helpers.compare.compare_methods"):
+        monkeypatch.setattr(target, _no_work, raising=False)
+    argv = [a.format(dir=tmp_path / "adir", file=tmp_path / "afile") for a in argv]
+    assert_one_clear_error(*run_main(argv, capsys), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # nothing written
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["train", "--backbone", "/no/such/backbone"], {}, "Unknown backbone '/no/such/backbone'"),
+    (["train"], {"LORA_IMDB_DIR": "/no/such/imdb"}, "LORA_IMDB_DIR='/no/such/imdb' is not an existing folder"),
+    (["train", "--n-train", "100000"], {}, "reviews, but the train split has"),
+])
+def test_bad_input_found_while_loading_is_one_error_line(argv, env, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_PROFILE", "smoke")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    for target in ("lora_helpers.loop.train", "lora_helpers.runner.run"):  # loading may run, training must not
+        monkeypatch.setattr(target, _no_work, raising=False)
+    assert_one_clear_error(*run_main(argv[:1] + TINY + argv[1:], capsys), message)
+
+
+def test_the_real_command_prints_no_traceback_for_bad_input(tmp_path):
+    (tmp_path / "adir").mkdir()
+    run = cli("train", "--out", str(tmp_path / "adir"), cwd=tmp_path)  # one subprocess: each costs an import of torch
+    assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "is a folder; a file name is needed" in errors[0], run.stderr

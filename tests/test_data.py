@@ -138,3 +138,53 @@ def test_hub_reachable_honours_offline(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
     assert hub_reachable() is False
+
+
+# ------------------------------------------------------------------ robustness (issue 14)
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(n_train=0), ValueError, "n_train must be a whole number of reviews >= 1, or None .* got 0"),
+    (dict(n_train=-2), ValueError, "n_train must be a whole number .* got -2"),
+    (dict(n_test=0), ValueError, "n_test must be a whole number .* got 0"),
+    (dict(n_train=10.5), TypeError, "n_train must be a whole number .* got float 10.5"),
+    (dict(n_train="10"), TypeError, "n_train must be a whole number .* got str '10'"),
+    (dict(n_train=True), TypeError, "n_train must be a whole number .* got bool True"),
+])
+def test_bad_subset_sizes_are_refused(parquet_dir, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        load_imdb(data_dir=parquet_dir, verbose=False, **kwargs)
+
+
+def test_numpy_integer_sizes_are_accepted(parquet_dir):
+    import numpy as np
+
+    ds = load_imdb(n_train=np.int64(4), n_test=np.int32(2), data_dir=parquet_dir, verbose=False)
+    assert (len(ds["train"]), len(ds["test"])) == (4, 2)
+
+
+def test_an_acl_folder_without_reviews_is_an_error_naming_the_folder(acl_dir):
+    for f in (acl_dir / "train" / "neg").glob("*.txt"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"train/neg has no \.txt reviews"):
+        load_imdb(data_dir=acl_dir, verbose=False)
+
+
+def test_an_empty_parquet_split_is_an_error(parquet_dir):
+    pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=int)}).to_parquet(
+        parquet_dir / "test.parquet")
+    with pytest.raises(ValueError, match=r"test\.parquet holds no reviews"):
+        load_imdb(data_dir=parquet_dir, verbose=False)
+
+
+def test_a_split_of_one_label_is_an_error(parquet_dir):
+    pd.DataFrame({"text": ["good", "fine"], "label": [1, 1]}).to_parquet(parquet_dir / "test.parquet")
+    with pytest.raises(ValueError, match="the test split has reviews of one label only"):
+        load_imdb(data_dir=parquet_dir, verbose=False)
+
+
+def test_a_review_without_text_is_an_error_naming_the_file_and_row(parquet_dir):
+    rows = pd.read_parquet(parquet_dir / "train.parquet")
+    rows.loc[3, "text"] = None
+    rows.to_parquet(parquet_dir / "train.parquet")
+    with pytest.raises(ValueError, match=r"train\.parquet: 1 review\(s\) have no text \(rows \[3\]\)"):
+        load_imdb(data_dir=parquet_dir, verbose=False)

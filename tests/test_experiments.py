@@ -106,3 +106,16 @@ def test_pissa_init_refuses_merged_layers_and_plain_linears():
         pissa_init_(layer)
     with pytest.raises(TypeError):
         pissa_init_(nn.Linear(4, 4))
+
+
+def test_pissa_init_marks_the_layer_and_refuses_a_second_call():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 6), r=2)
+    W = layer.base.weight.detach().clone()
+    pissa_init_(layer)
+    assert layer.pissa and layer.state_dict()["lora_pissa"].item() is True
+    residual = layer.base.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="already PiSSA-initialised"):
+        pissa_init_(layer)
+    assert torch.equal(layer.base.weight, residual)  # unchanged by the refused call
+    assert not torch.equal(residual, W)

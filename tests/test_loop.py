@@ -288,3 +288,58 @@ def test_get_profile_env_overrides_and_errors(monkeypatch):
     assert get_profile().name == "gpu"
     with pytest.raises(TypeError):
         get_profile("smoke", no_such_field=1)
+
+
+# ------------------------------------------------------------------ robustness (issue 14)
+
+def test_predict_takes_one_string_as_one_review():
+    model, tokenizer = backbone()
+    text = "A wonderful film."
+    one = predict(model, tokenizer, text, max_length=MAX_LENGTH, device="cpu")
+    assert len(one) == 1
+    assert one == predict(model, tokenizer, [text], max_length=MAX_LENGTH, device="cpu")
+
+
+def test_predict_of_no_texts_is_no_predictions_and_a_non_string_is_refused():
+    model, tokenizer = backbone()
+    assert predict(model, tokenizer, [], max_length=MAX_LENGTH, device="cpu") == []
+    with pytest.raises(TypeError, match="texts must be strings; item 1 is a NoneType"):
+        predict(model, tokenizer, ["fine", None], max_length=MAX_LENGTH, device="cpu")
+
+
+@pytest.mark.parametrize("max_length", [0, 1, 2, 8.0])
+def test_a_max_length_without_room_for_the_review_is_refused(max_length):
+    model, tokenizer = backbone()
+    with pytest.raises(ValueError, match=rf"max_length must be a whole number >= 3, got {max_length!r}: .*adds 2 special"):
+        encode(["a long review " * 50], tokenizer, max_length)
+    with pytest.raises(ValueError, match=r"max_length must be a whole number >= 3"):
+        predict(model, tokenizer, ["a long review " * 50], max_length=max_length, device="cpu")
+    assert len(encode(["a long review " * 50], tokenizer, 3)[0]) == 3  # the smallest that truncates
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, None])
+def test_make_batches_refuses_a_batch_size_below_one(batch_size):
+    with pytest.raises(ValueError, match=f"batch_size must be a whole number >= 1, got {batch_size!r}"):
+        make_batches([[1, 2], [3]], [0, 1], batch_size=batch_size, pad_id=0)
+
+
+def test_make_batches_refuses_mismatched_labels():
+    with pytest.raises(ValueError, match="2 token lists but 3 labels"):
+        make_batches([[1, 2], [3]], [0, 1, 1], batch_size=2, pad_id=0)
+
+
+def test_train_on_no_batches_is_an_error():
+    model = nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="train_batches is empty"):
+        train(model, [], lr=1e-3, device="cpu")
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 1, got 0"):
+        train(model, [{}], lr=1e-3, epochs=0, device="cpu")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_evaluate_on_no_batches_is_an_error():
+    with pytest.raises(ValueError, match="no batches to evaluate"):
+        evaluate(Stub(), [], device="cpu")
+    with pytest.raises(ValueError, match="hold no examples"):
+        evaluate(Stub(), iter([]), device="cpu")

@@ -417,3 +417,191 @@ def test_same_merged_weights_as_peft(use_rslora):
     for name in ["attn.q", "attn.v", "attn.xq", "ffn", "head"]:
         torch.testing.assert_close(merged.get_submodule(name).weight, theirs.get_submodule(name).weight,
                                    rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ robustness (issue 14)
+# state_dict round trips with the merged flag, shared layers, meta tensors, argument types
+
+def lora_net(seed=0, merged=False):
+    """make_net(seed) with LoRA (r=2, alpha=4) on q and v, B random as if trained."""
+    net = make_net(seed)
+    apply_lora(net, ["q", "v"], r=2, lora_alpha=4)
+    torch.manual_seed(seed + 10)
+    with torch.no_grad():
+        for layer in lora_layers(net).values():
+            layer.lora_B.normal_()
+    if merged:
+        merge_lora(net)
+    return net.eval()
+
+
+def test_state_dict_of_a_merged_model_reproduces_it():
+    source = lora_net(merged=True)
+    x = torch.randn(6, 8)
+    target = lora_net(seed=1)  # other weights, unmerged
+    target.load_state_dict(source.state_dict())  # strict: the flags are part of the state
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)  # the update is not added twice
+    assert all(layer.merged for layer in lora_layers(target).values())
+    unmerge_lora(target)
+    torch.testing.assert_close(target.attn.q.base.weight, lora_net().attn.q.base.weight, rtol=0, atol=1e-6)
+    assert source.state_dict()["attn.q.lora_merged"].item() is True
+    assert target.state_dict()["attn.q.lora_merged"].item() is False
+
+
+def test_load_state_dict_into_a_merged_model_then_unmerge_keeps_W0():
+    source = lora_net(seed=1)  # unmerged
+    target = lora_net(seed=0, merged=True)
+    x = torch.randn(6, 8)
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    unmerge_lora(target)  # nothing to take out: the loaded W0 is plain
+    for name, layer in lora_layers(target).items():
+        assert torch.equal(layer.base.weight, lora_layers(source)[name].base.weight)
+
+
+def test_loading_only_A_and_B_into_a_merged_model_swaps_the_update_exactly():
+    source, target = lora_net(seed=1), lora_net(seed=0, merged=True)
+    W0 = {n: m.base.weight.clone() for n, m in lora_layers(lora_net(seed=0)).items()}
+    factors = {k: v for k, v in source.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+    target.load_state_dict(factors, strict=False)
+    for name, layer in lora_layers(target).items():  # still merged, now with the new update
+        assert layer.merged
+        torch.testing.assert_close(layer.base.weight, W0[name] + lora_layers(source)[name].delta_weight().detach(),
+                                   rtol=0, atol=1e-6)
+    unmerge_lora(target)
+    for name, layer in lora_layers(target).items():
+        torch.testing.assert_close(layer.base.weight, W0[name], rtol=0, atol=1e-6)
+
+
+def test_a_merged_base_weight_without_its_factors_is_refused():
+    state = {k: v for k, v in lora_net(merged=True).state_dict().items() if k.startswith("attn.q.")
+             and not k.endswith(".lora_B")}
+    layer = lora_net().attn.q
+    with pytest.raises(RuntimeError, match="merged base.weight .* without its lora_A and lora_B"):
+        layer.load_state_dict({k.removeprefix("attn.q."): v for k, v in state.items()}, strict=False)
+
+
+def test_a_state_dict_saved_without_the_flags_still_loads_strictly_as_unmerged():
+    source = lora_net(seed=1)
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith((".lora_merged", ".lora_pissa"))}
+    target = lora_net(seed=0)
+    target.load_state_dict(old)  # strict=True: the missing flags are not an error
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_lora_alpha_is_refused(alpha):
+    net = make_net()
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="lora_alpha must be > 0 and finite"):
+        apply_lora(net, "q", r=2, lora_alpha=alpha)
+    assert_same(before, snapshot(net))
+    with pytest.raises(ValueError, match="lora_alpha must be > 0 and finite"):
+        LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=alpha)
+
+
+def test_numpy_numbers_are_accepted_as_plain_python_numbers():
+    import numpy as np
+
+    layer = LoRALinear(nn.Linear(8, 8), r=np.int64(4), lora_alpha=np.float32(8))
+    assert type(layer.r) is int and type(layer.lora_alpha) is float
+    assert (layer.r, layer.lora_alpha, layer.scaling) == (4, 8.0, 2.0)
+    assert type(LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=np.int64(16)).lora_alpha) is int
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lora_alpha="16"), TypeError, "lora_alpha must be > 0, a number .* str '16': write it without quotes"),
+    (dict(lora_alpha=None), TypeError, "lora_alpha must be > 0, a number"),
+    (dict(lora_dropout="0.1"), ValueError, r"lora_dropout must be in \[0, 1\), a number, got '0.1'"),
+    (dict(target_modules=None), TypeError, r"target_modules must be a module name or a list of names .* got None"),
+    (dict(target_modules=["q", 3]), TypeError, r"target_modules must hold module names \(str\), got \[3\]"),
+])
+def test_wrong_types_fail_early_and_clearly(kwargs, error, match):
+    net = make_net()
+    before = snapshot(net)
+    with pytest.raises(error, match=match):
+        apply_lora(net, **{"target_modules": ["q", "v"], "r": 2, **kwargs})
+    assert_same(before, snapshot(net))
+
+
+class Tied(nn.Module):
+    """One nn.Linear reachable under two names (tied layers): ``shared`` is ``proj``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.shared = self.proj
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.proj(x)) + self.shared(x))
+
+
+@pytest.mark.parametrize("target", ["proj", "shared"])
+def test_a_layer_shared_under_two_names_is_wrapped_once_under_both(target):
+    torch.manual_seed(0)
+    net = Tied()
+    assert apply_lora(net, target, r=2, lora_alpha=4) == ["proj"]  # listed under its first name
+    assert isinstance(net.proj, LoRALinear) and net.shared is net.proj
+    assert list(lora_layers(net)) == ["proj"]
+    with torch.no_grad():
+        net.proj.lora_B.normal_()
+    x = torch.randn(5, 8)
+    W0, b, A, B = net.proj.base.weight, net.proj.base.bias, net.proj.lora_A, net.proj.lora_B
+    h = x @ W0.T + b + 2.0 * (x @ A.T @ B.T)  # both calls go through the update
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.head(torch.relu(h) + h), rtol=0, atol=1e-6)
+    assert count_parameters(net).total == 2 * (64 + 8) - (64 + 8) + 18 + 2 * 2 * 8  # shared tensors once
+    expected = net(x).detach()
+    merge_and_unload(net)
+    assert type(net.proj) is nn.Linear and net.shared is net.proj  # both names back to the one plain layer
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-5)
+
+
+def test_shared_layer_adapter_round_trip(tmp_path):
+    from lora_helpers import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    net = Tied()
+    apply_lora(net, "shared", r=2)
+    with torch.no_grad():
+        net.proj.lora_B.normal_()
+    save_adapter(net, tmp_path / "a")
+    torch.manual_seed(0)
+    fresh = load_adapter(Tied(), tmp_path / "a")
+    assert fresh.shared is fresh.proj and isinstance(fresh.shared, LoRALinear)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+
+def test_meta_layer_after_to_empty_is_filled_by_a_complete_state_dict():
+    reference = lora_net(merged=True).attn.q
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=4)
+    assert layer.lora_A.is_meta and layer.base.weight.is_meta
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(reference.state_dict())
+    assert layer.merged
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), reference(x))
+
+
+def test_meta_layer_after_to_empty_and_reset_parameters_is_the_base_layer():
+    torch.manual_seed(0)
+    pretrained = nn.Linear(8, 8)
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(8, 8), r=2)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()  # A random, B zero; W0 is not touched...
+    layer.base.load_state_dict(pretrained.state_dict())  # ...it is loaded
+    assert torch.all(layer.lora_B == 0) and layer.lora_A.abs().max() > 0
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(layer(x), pretrained(x))

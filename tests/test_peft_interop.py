@@ -203,3 +203,65 @@ def test_import_refuses_a_model_with_lora(backbone, tmp_path):
         import_from_peft(trained_looking(fresh(backbone)), path)
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
         import_from_peft(fresh(backbone), tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ robustness (issue 14)
+
+def test_export_into_a_folder_with_an_older_pickle_adapter_leaves_no_stale_file(backbone, tmp_path):
+    old = get_peft_model(fresh(backbone), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["k_lin"]))
+    old.save_pretrained(tmp_path, safe_serialization=False, save_embedding_layers=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    (tmp_path / "README.md").write_text("my notes")
+    ours = trained_looking(fresh(backbone))
+    export_to_peft(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+    theirs = PeftModel.from_pretrained(fresh(backbone), tmp_path)
+    assert (logits(ours, backbone[1]) - logits(theirs, backbone[1])).abs().max().item() < 1e-5
+
+
+def test_export_that_fails_leaves_the_previous_adapter(backbone, tmp_path, monkeypatch):
+    export_to_peft(trained_looking(fresh(backbone)), tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr("lora_helpers.utils.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        export_to_peft(trained_looking(fresh(backbone), r=2, seed=5), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_export_refuses_pissa_initialised_layers(backbone, tmp_path):
+    from lora_helpers.experiments import pissa_init_
+
+    model = trained_looking(fresh(backbone))
+    pissa_init_(model.get_submodule("distilbert.transformer.layer.0.attention.q_lin"))
+    with pytest.raises(ValueError, match="PiSSA-initialised"):
+        export_to_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_of_the_tensor_file_instead_of_its_folder_says_so(backbone, tmp_path):
+    path = _edit(tmp_path, backbone)
+    with pytest.raises(NotADirectoryError, match=rf"is a file; .*pass the folder that holds it, {tmp_path}"):
+        import_from_peft(fresh(backbone), path / WEIGHTS_NAME)
+
+
+def test_import_of_damaged_files_names_the_file(backbone, tmp_path):
+    path = _edit(tmp_path, backbone)
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[:100])
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} cannot be read as safetensors"):
+        import_from_peft(fresh(backbone), path)
+    (path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME} is not valid JSON"):
+        import_from_peft(fresh(backbone), path)
+
+
+def test_import_of_a_config_without_r_names_the_file(backbone, tmp_path):
+    path = _edit(tmp_path, backbone)
+    config = json.loads((path / CONFIG_NAME).read_text())
+    del config["r"]
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    model = fresh(backbone)
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME} is not a valid LoRA config: r must be an integer >= 1, "
+                                         "got nothing"):
+        import_from_peft(model, path)
+    assert not lora_layers(model)
