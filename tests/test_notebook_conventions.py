@@ -2,7 +2,8 @@
 
 Checked on each ``notebooks/NN_*.ipynb`` that exists: the Colab badge (first
 cell) and the guarded install cell (second cell) point to
-``lora_helpers.REPO_URL``; the versions cell comes third; the notebook was
+``lora_helpers.REPO_URL``; the versions cell comes third; nbval directives are
+cell tags, not comments; the last section is "## Exercises"; the notebook was
 executed top to bottom in one kernel; no errors, stderr, widgets or figure
 reprs in the saved outputs; no editor metadata; a reasonable size. Also tests
 ``tools/set_repo_url.py`` on a copy of the files it rewrites.
@@ -76,7 +77,27 @@ def check_versions_cell(nb: dict) -> None:
     cell = nb["cells"][2]
     text = source(cell)
     assert cell["cell_type"] == "code" and "print_versions()" in text, "the third cell prints the versions"
-    assert text.lstrip().startswith("# NBVAL_IGNORE_OUTPUT"), "the versions cell is marked # NBVAL_IGNORE_OUTPUT"
+    assert "nbval-ignore-output" in cell.get("metadata", {}).get("tags", []), \
+        "the versions cell carries the cell tag nbval-ignore-output (installed versions are the reader's)"
+
+
+def check_no_nbval_comments(nb: dict) -> None:
+    """nbval directives are cell tags (nbval-ignore-output, nbval-skip ...): the learner reads the code, not CI's needs."""
+    marked = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "# NBVAL_" in source(c)]
+    assert not marked, f"code cells {marked} carry '# NBVAL_...' comments: use the cell tags instead"
+
+
+def check_ends_with_exercises(nb: dict) -> None:
+    """The last section is '## Exercises': tasks that use what the notebook built, with hints or solutions."""
+    headings = [(i, line) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "markdown"
+                for line in source(c).splitlines() if line.startswith("## ")]
+    assert headings, "the notebook has no sections"
+    index, last = headings[-1]
+    assert last.strip().lower().startswith("## exercises"), f"the last section is {last.strip()!r}, not '## Exercises'"
+    text = "\n".join(source(c) for c in nb["cells"][index:])
+    tasks = re.findall(r"^\s*\d+\.\s", text, flags=re.M)
+    assert len(tasks) >= 3, f"the Exercises section has {len(tasks)} numbered tasks; give 3-5"
+    assert "<details>" in text or "solutions/" in text, "give the solutions: collapsed <details>, or a solutions notebook"
 
 
 def check_executed_in_order(nb: dict) -> None:
@@ -95,7 +116,7 @@ def check_outputs(nb: dict) -> None:
     for i, cell in enumerate(nb["cells"]):
         if cell["cell_type"] != "code":
             continue
-        intended = "NBVAL_RAISES_EXCEPTION" in source(cell)
+        intended = "raises-exception" in cell.get("metadata", {}).get("tags", [])
         for out in cell.get("outputs", []):
             kind = out["output_type"]
             if kind == "error":
@@ -145,6 +166,16 @@ def test_install_cell(path):
 @by_name
 def test_versions_cell(path):
     check_versions_cell(load(path))
+
+
+@by_name
+def test_nbval_directives_are_tags(path):
+    check_no_nbval_comments(load(path))
+
+
+@by_name
+def test_ends_with_exercises(path):
+    check_ends_with_exercises(load(path))
 
 
 @by_name
