@@ -22,8 +22,9 @@ from lora_helpers import LoRALinear, apply_lora
 from lora_helpers.analysis import (amplification, energy_in_top, random_like, subspace_similarity,
                                    subspace_similarity_grid, top_directions, weight_updates)
 from lora_helpers.compare import low_rank_report, plot_update_spectra
-from lora_helpers.experiments import lora_factors, pissa_init_
+from lora_helpers.experiments import pissa_init_
 from lora_helpers.memory import measure_training_memory
+from lora_helpers.runner import lora_factors
 from lora_helpers.svd import energy_captured, low_rank_approx, truncated_svd
 
 MOVED_TO_CPU = pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor")
