@@ -49,7 +49,7 @@ def test_the_probe_itself_mixing_meta_and_cpu_can_be_silent():
     lambda: subspace_similarity(cpu(), meta(), 2, 2),            # notebook 04's phi: dW on CPU, B A on the GPU
     lambda: subspace_similarity(meta(), cpu(), 2, 2),
     lambda: subspace_similarity_grid(cpu(), meta()),
-    lambda: amplification(meta(), cpu(12, 12), r=2),              # W from the model, dW on the CPU
+    lambda: amplification(meta(12, 12), cpu(12, 12), r=2),        # W from the model, dW on the CPU
     lambda: amplification(cpu(12, 12), meta(12, 12), r=2),
     lambda: energy_in_top(meta(), 2),
     lambda: top_directions(meta(), 2),
