@@ -7,6 +7,10 @@
 * ``expected_random_similarity``: phi between random subspaces, the baseline for Eq. 4;
 * ``amplification``: how much dW amplifies directions that W already has (Table 7).
 
+Every function takes tensors from any device (a CUDA model's weights, a CPU
+copy taken before training, a NumPy array) and computes on the CPU in
+float64; the matrices it returns are CPU tensors.
+
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``: is the full
 fine-tuning update low rank?) and used at length in notebook 05
 (``05_rank_and_what_lora_learns.ipynb``).
@@ -28,6 +32,11 @@ def _check_count(k, name: str, most: int, shape) -> int:
     return int(k)
 
 
+def _cpu64(M) -> torch.Tensor:
+    """``M`` as a detached float64 CPU tensor, whatever its device (moved first: MPS has no float64)."""
+    return torch.as_tensor(M).detach().cpu().double()
+
+
 def weight_updates(pretrained_state: dict, model, suffixes=("q_lin.weight", "v_lin.weight")) -> dict:
     """``{name: W_now - W_pretrained}`` for every weight whose name ends with a suffix.
 
@@ -46,22 +55,22 @@ def weight_updates(pretrained_state: dict, model, suffixes=("q_lin.weight", "v_l
     updates = {}
     for key, value in current.items():
         if key.endswith(tuple(suffixes)) and key in pretrained_state and value.ndim == 2:
-            updates[key] = value.detach().float().cpu() - pretrained_state[key].float().cpu()
+            updates[key] = value.detach().float().cpu() - pretrained_state[key].detach().float().cpu()
     if not updates:
         raise ValueError(f"no weight ends with {list(suffixes)}; examples of names: {list(pretrained_state)[:5]}")
     return updates
 
 
 def random_like(M: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A Gaussian random matrix with the shape and Frobenius norm of ``M``."""
+    """A Gaussian random matrix with the shape, Frobenius norm and dtype of ``M`` (on the CPU)."""
     R = torch.randn(M.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (R * (M.double().norm() / R.norm())).to(M.dtype)
+    return (R * (_cpu64(M).norm() / R.norm())).to(M.dtype)
 
 
 def energy_in_top(M: torch.Tensor, k: int) -> float:
     """Share of ``||M||_F^2`` held by the top ``k`` singular directions, ``1 <= k <= min(M.shape)``."""
     k = _check_count(k, "k", min(M.shape), M.shape)
-    S = torch.linalg.svdvals(M.double())
+    S = torch.linalg.svdvals(_cpu64(M))
     return float(energy_captured(S)[k - 1])
 
 
@@ -71,7 +80,7 @@ def top_directions(M: torch.Tensor, k: int | None = None, side: str = "right") -
     ``side="right"``: the row space (for LoRA's ``A``, r x d_in, this is what the
     paper compares); ``side="left"``: the column space (for ``B`` or a dW).
     """
-    U, _, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    U, _, Vh = torch.linalg.svd(_cpu64(M), full_matrices=False)
     cols = Vh.T if side == "right" else U
     return cols if k is None else cols[:, :k]
 
@@ -80,7 +89,7 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor, i: int, j: int) -> f
     """phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j): 1 if one subspace contains the other, 0 if orthogonal."""
     if not (1 <= i <= U1.shape[1] and 1 <= j <= U2.shape[1]):
         raise ValueError(f"need 1 <= i <= {U1.shape[1]} and 1 <= j <= {U2.shape[1]}, got i={i}, j={j}")
-    overlap = U1[:, :i].double().T @ U2[:, :j].double()
+    overlap = _cpu64(U1[:, :i]).T @ _cpu64(U2[:, :j])
     return float(overlap.square().sum() / min(i, j))
 
 
@@ -88,7 +97,7 @@ def subspace_similarity_grid(U1: torch.Tensor, U2: torch.Tensor, max_i: int | No
                              max_j: int | None = None) -> torch.Tensor:
     """phi(i, j) for all i <= max_i, j <= max_j, as a matrix (rows i-1, columns j-1) for a heatmap."""
     max_i, max_j = max_i or U1.shape[1], max_j or U2.shape[1]
-    overlap2 = (U1[:, :max_i].double().T @ U2[:, :max_j].double()).square()
+    overlap2 = (_cpu64(U1[:, :max_i]).T @ _cpu64(U2[:, :max_j])).square()
     cumulative = overlap2.cumsum(0).cumsum(1)  # entry (i-1, j-1) = ||U1_i^T U2_j||_F^2
     i = torch.arange(1, max_i + 1).unsqueeze(1)
     j = torch.arange(1, max_j + 1).unsqueeze(0)
@@ -119,7 +128,7 @@ def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> d
     if tuple(W.shape) != tuple(dW.shape) or W.ndim != 2:
         raise ValueError(f"W and dW must be matrices of the same shape, got {tuple(W.shape)} and {tuple(dW.shape)}")
     r = _check_count(r, "r", min(W.shape), W.shape)
-    W, dW = W.double(), dW.double()
+    W, dW = _cpu64(W), _cpu64(dW)
 
     def projected(U, V):
         return float((U.T @ W @ V).norm())

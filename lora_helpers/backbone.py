@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
 from transformers import (
     AutoTokenizer,
     DistilBertConfig,
@@ -111,6 +113,28 @@ def _read_vocab(path: Path) -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
+def wordpiece_tokenizer(vocab: dict[str, int], model_max_length: int = 512) -> DistilBertTokenizerFast:
+    """DistilBERT's uncased tokenizer for a WordPiece vocabulary ``{token: id}``, built piece by piece.
+
+    The same pipeline as ``distilbert-base-uncased``'s: lower-case and strip
+    control characters, split on spaces and punctuation, cut words into
+    WordPiece sub-words (``##`` marks a continuation), and frame every text as
+    ``[CLS] ... [SEP]``. Built with the ``tokenizers`` library directly, so it
+    works on transformers 4.x and 5.x alike (their tokenizer constructors differ).
+    """
+    backend = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return DistilBertTokenizerFast(tokenizer_object=backend, do_lower_case=True, model_max_length=model_max_length,
+                                   unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                                   mask_token="[MASK]")
+
+
 def _standin_files_present(folder: Path) -> bool:
     return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
@@ -127,7 +151,7 @@ def _build_standin(target: Path) -> None:
     model = convert_bert_to_distilbert(load_file(src / "model.safetensors"), bert_config)
     model.config.standin_source = STANDIN_SOURCE
     # DistilBERT's tokenizer: the same WordPiece vocabulary as BERT, but no token_type_ids
-    tokenizer = DistilBertTokenizerFast(vocab=_read_vocab(src / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    tokenizer = wordpiece_tokenizer(_read_vocab(src / "vocab.txt"))
     # write to a private folder, then rename: a reader never sees a half-written cache
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     with _quiet_transformers():

@@ -343,7 +343,7 @@ def plot_update_spectra(updates: dict, k: int = 8, title: str = "Singular values
     spectra = {short_name(n): dW for n, dW in updates.items()}
     spectra["random, same shape and norm"] = random_like(next(iter(updates.values())))
     for i, (label, M) in enumerate(spectra.items()):
-        S = torch.linalg.svdvals(M.double()).numpy()
+        S = torch.linalg.svdvals(M.detach().cpu().double()).numpy()
         cmap = plt.cm.Blues if "q_lin" in label else plt.cm.Oranges
         style = dict(color="k", ls="--", lw=1.5) if label.startswith("random") else dict(color=cmap(0.4 + 0.5 * i / len(updates)), lw=1)
         ax.plot(np.arange(1, len(S) + 1), S / S[0], label=label, **style)

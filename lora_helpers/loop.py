@@ -74,6 +74,7 @@ class TrainResult:
     steps: int = 0
     peak_memory_mib: float = 0.0
     memory_kind: str = ""
+    precision: str = ""                            # choose_precision(device): "bf16", "fp16" or "fp32"
 
     @property
     def steps_per_s(self) -> float:
@@ -85,11 +86,40 @@ def _bars_disabled() -> bool:
     return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _autocast(device):
-    """bf16 autocast where the GPU supports it, fp16 otherwise; nothing on CPU/MPS."""
+def choose_precision(device) -> str:
+    """The precision a training step runs in on ``device``: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+
+    * ``"bf16"`` on a GPU with bfloat16 units (CUDA compute capability 8.0 or
+      newer: A100, L4, H100, RTX 30xx/40xx). bf16 has fp32's exponent range, so
+      no loss scaling is needed.
+    * ``"fp16"`` on an older GPU (Colab's T4 is 7.5, a V100 7.0): float16
+      autocast plus a ``GradScaler``, because small fp16 gradients underflow to
+      zero. ``torch.cuda.is_bf16_supported()`` is no guide: it answers True on
+      a T4 as well, where bf16 is only emulated (slowly). The compute
+      capability tells what the hardware has; newer torch also offers it as
+      ``torch.cuda.is_bf16_supported(including_emulation=False)``.
+    * ``"fp32"`` everywhere else (CPU, Apple's MPS): no autocast at all.
+
+    ``_autocast`` and the ``GradScaler`` in ``train`` both follow this choice.
+    """
+    device = torch.device(device)
     if device.type != "cuda":
+        return "fp32"
+    major, _minor = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
+def _autocast(device):
+    """Autocast in ``choose_precision(device)``'s dtype; disabled (plain fp32) off CUDA."""
+    precision = choose_precision(device)
+    if precision == "fp32":
         return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _grad_scaler(precision: str) -> torch.amp.GradScaler:
+    """A loss scaler, active only for fp16 (bf16 and fp32 gradients do not underflow)."""
+    return torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
 
 def train_step(model: nn.Module, batch: dict, optimizer, scaler, params, max_grad_norm: float, device) -> float:
@@ -137,8 +167,12 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | Non
     # Linear warm-up to each group's lr over `warmup` steps, then linear decay to 0 at the last step.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    result = TrainResult()
+    precision = choose_precision(device)
+    scaler = _grad_scaler(precision)
+    result = TrainResult(precision=precision)
+    if device.type == "cuda":  # on CPU it is always fp32: no line, so CPU outputs stay as they were
+        print(f"{desc}: {precision} on {torch.cuda.get_device_name(device)}"
+              + (" (fp16 autocast + GradScaler)" if precision == "fp16" else ""))
 
     def evaluate_now(step):
         if eval_batches is not None:

@@ -194,7 +194,7 @@ def measure_training_memory(model: nn.Module, batch, optimizer: str = "adamw", l
       ``step`` (AdamW: ``exp_avg``, ``exp_avg_sq`` and a 4-byte ``step`` per tensor).
 
     ``batch`` is a dict of tensors for a Hugging Face model (with ``labels``) or
-    one tensor; ``loss_fn(model, batch)`` overrides how the loss is computed
+    one tensor, on the model's device; ``loss_fn(model, batch)`` overrides how the loss is computed
     (default: ``model(**batch).loss``, or the output itself). The model runs in
     training mode (dropout on, as in training) and is left as it was: weights
     restored after the step, gradients cleared, mode reset.
@@ -207,6 +207,12 @@ def measure_training_memory(model: nn.Module, batch, optimizer: str = "adamw", l
     if any(p.grad is not None for p in params):
         raise ValueError("some parameters already hold gradients: call model.zero_grad(set_to_none=True) first")
     batch_tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
+    model_devices = {p.device for p in params}
+    stray = sorted({str(t.device) for t in batch_tensors if torch.is_tensor(t) and t.device not in model_devices})
+    if stray:
+        raise ValueError(f"the batch is on {', '.join(stray)} but the model is on "
+                         f"{', '.join(sorted(map(str, model_devices)))}: move the batch first, "
+                         "e.g. {k: v.to(device) for k, v in batch.items()}")
     excluded = {_storage_key(t) for t in params + [t for t in batch_tensors if torch.is_tensor(t)]}
 
     saved: dict[tuple, int] = {}

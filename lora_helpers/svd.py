@@ -2,6 +2,10 @@
 
 Introduced in notebook 01 (``01_svd_low_rank_intuition.ipynb``), reused in
 notebooks 04 and 05 to ask whether a weight update is low rank.
+
+A matrix may live on any device: the SVD is computed on the CPU, and
+``truncated_svd`` / ``low_rank_approx`` hand their results back on the
+matrix's own device, so ``W - low_rank_approx(W, r)`` works for a GPU weight.
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import torch
 
 
 def _as_matrix(W) -> torch.Tensor:
+    """``W`` as a detached CPU matrix (float64 if it is float64, else float32)."""
     W = torch.as_tensor(W)
     if W.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
-    return W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    return W.detach().cpu().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
 
 
 def _cpu_float64(S) -> torch.Tensor:
@@ -37,18 +42,21 @@ def truncated_svd(W, r: int):
 
     ``U_r`` is (m, r), ``S_r`` is (r,) in decreasing order and ``Vh_r`` is (r, n),
     so that ``U_r @ diag(S_r) @ Vh_r`` is the best rank-r approximation of W.
+    Computed on the CPU, returned on W's device.
     """
+    device = W.device if isinstance(W, torch.Tensor) else torch.device("cpu")
     W = _as_matrix(W)
     _check_rank(r, W)
     r = int(r)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return U[:, :r], S[:r], Vh[:r, :]
+    return U[:, :r].to(device), S[:r].to(device), Vh[:r, :].to(device)
 
 
 def low_rank_approx(W, r: int) -> torch.Tensor:
-    """The best rank-``r`` approximation of ``W`` (Eckart-Young): ``U_r diag(S_r) Vh_r``."""
-    U, S, Vh = truncated_svd(W, r)
-    return (U * S) @ Vh
+    """The best rank-``r`` approximation of ``W`` (Eckart-Young): ``U_r diag(S_r) Vh_r``, on W's device."""
+    device = W.device if isinstance(W, torch.Tensor) else torch.device("cpu")
+    U, S, Vh = truncated_svd(torch.as_tensor(W).detach().cpu(), r)
+    return ((U * S) @ Vh).to(device)
 
 
 def energy_captured(S) -> torch.Tensor:

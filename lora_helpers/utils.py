@@ -18,17 +18,43 @@ import numpy as np
 import torch
 
 
-def set_seed(seed: int = 0, deterministic: bool = True, num_threads: int | None = 2) -> None:
-    """Seed Python, NumPy and torch so that a CPU run repeats exactly.
+THREADS_ENV = "LORA_NUM_THREADS"  # set by conftest.py and tools/execute_notebooks.sh (to 2)
 
-    ``num_threads`` fixes torch's intra-op thread count: reductions split over a
-    different number of threads add floats in a different order, and the last
-    digits of a training run then change from machine to machine.
+
+def _threads_from_env() -> int | None:
+    """``LORA_NUM_THREADS`` as a thread count, or None when it is unset or empty."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive whole number of threads, got {value!r}: "
+                         f"unset it to let torch use every core, or set e.g. {THREADS_ENV}=2")
+    return int(value)
+
+
+def set_seed(seed: int = 0, deterministic: bool = True, num_threads: int | None = None) -> None:
+    """Seed Python, NumPy and torch so that a run repeats exactly on the same machine.
+
+    Thread count: reductions split over a different number of threads add
+    floats in a different order, so the last digits of a CPU training run
+    depend on how many threads torch uses. By default ``set_seed`` leaves that
+    count alone, so your machine keeps all its cores. It pins it only when asked:
+
+    * ``num_threads=n`` pins ``n`` threads (notebook 02 pins 1 for its tiny timings);
+    * otherwise the environment variable ``LORA_NUM_THREADS`` (if set) pins that
+      many. The test suite (``conftest.py``) and ``tools/execute_notebooks.sh``
+      set it to 2, so that the committed notebook outputs are the same on every
+      machine that checks them.
     """
+    if num_threads is None:
+        num_threads = _threads_from_env()
+    elif num_threads < 1:
+        raise ValueError(f"num_threads must be at least 1 (or None to leave torch's thread count alone), "
+                         f"got {num_threads!r}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
-    if num_threads is not None and not torch.cuda.is_available():
+    if num_threads is not None:
         torch.set_num_threads(num_threads)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

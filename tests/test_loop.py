@@ -32,7 +32,9 @@ def one_thread():
     """Tiny batches: one thread is as fast, and does not fight other processes for the cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_NUM_THREADS", "1")  # what set_seed pins
+        yield
     torch.set_num_threads(before)
 
 
