@@ -13,7 +13,7 @@ for nb in "${notebooks[@]}"; do
   echo "== $nb"
   start=$SECONDS
   jupyter nbconvert --to notebook --execute --inplace \
-    --ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 "$nb"
+    --ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3 "$nb"
   python tools/clean_notebook.py "$nb"
   echo "   done in $((SECONDS - start)) s"
 done
