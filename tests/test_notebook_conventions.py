@@ -5,7 +5,10 @@ cell) and the guarded install cell (second cell) point to
 ``lora_helpers.REPO_URL``; the versions cell comes third; the notebook was
 executed top to bottom in one kernel; no errors, stderr, widgets or figure
 reprs in the saved outputs; no editor metadata; a reasonable size. Also tests
-``tools/set_repo_url.py`` on a copy of the files it rewrites.
+``tools/set_repo_url.py`` on a copy of the files it rewrites. nbval directives are
+cell tags, never ``# NBVAL_...`` comments in the learner's code, and every
+notebook ends with an "## Exercises" section: 3-5 tasks, each with a folded
+solution.
 """
 import json
 import re
@@ -42,6 +45,14 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def tags(cell) -> list:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+NBVAL_COMMENT = re.compile(r"^\s*#\s*(NBVAL_|PYTEST_VALIDATE_)", re.M)
+SOLUTION = re.compile(r"<details>\s*<summary>\s*Solution\s*</summary>(.*?)</details>", re.S)
+
+
 # ---------------------------------------------------------------- the checks (reused on a rewritten copy)
 
 def check_badge(nb: dict, name: str, repo_url: str) -> None:
@@ -76,7 +87,29 @@ def check_versions_cell(nb: dict) -> None:
     cell = nb["cells"][2]
     text = source(cell)
     assert cell["cell_type"] == "code" and "print_versions()" in text, "the third cell prints the versions"
-    assert text.lstrip().startswith("# NBVAL_IGNORE_OUTPUT"), "the versions cell is marked # NBVAL_IGNORE_OUTPUT"
+    assert "nbval-ignore-output" in tags(cell), "the versions cell carries the cell tag nbval-ignore-output"
+
+
+def check_no_nbval_comments(nb: dict) -> None:
+    bad = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and NBVAL_COMMENT.search(source(c))]
+    assert not bad, (f"code cells {bad} carry '# NBVAL_...' comments: put the directive in the cell's tags instead "
+                     "(nbval-ignore-output, nbval-skip, raises-exception)")
+
+
+def check_exercises(nb: dict) -> None:
+    cells = nb["cells"]
+    heads = [i for i, c in enumerate(cells)
+             if c["cell_type"] == "markdown" and re.search(r"^## Exercises\s*$", source(c), re.M)]
+    assert heads, 'the notebook must end with an "## Exercises" section (a markdown cell with "## Exercises")'
+    section = cells[heads[-1]:]
+    text = "\n".join(source(c) for c in section if c["cell_type"] == "markdown")
+    after = re.split(r"^## Exercises\s*$", text, maxsplit=1, flags=re.M)[1]
+    assert not re.search(r"^#{1,2} ", after, re.M), "the Exercises section must be the last section of the notebook"
+    solutions = SOLUTION.findall(text)
+    assert 3 <= len(solutions) <= 5, (f"the Exercises section has {len(solutions)} folded solutions "
+                                      "(<details><summary>Solution</summary> ... </details>); 3-5 tasks expected")
+    assert text.count("<details>") == text.count("</details>") == len(solutions), "an unclosed <details> block"
+    assert all(s.strip() for s in solutions), "an empty solution"
 
 
 def check_executed_in_order(nb: dict) -> None:
@@ -95,7 +128,7 @@ def check_outputs(nb: dict) -> None:
     for i, cell in enumerate(nb["cells"]):
         if cell["cell_type"] != "code":
             continue
-        intended = "NBVAL_RAISES_EXCEPTION" in source(cell)
+        intended = bool({"raises-exception", "nbval-raises-exception"} & set(tags(cell)))
         for out in cell.get("outputs", []):
             kind = out["output_type"]
             if kind == "error":
@@ -145,6 +178,16 @@ def test_install_cell(path):
 @by_name
 def test_versions_cell(path):
     check_versions_cell(load(path))
+
+
+@by_name
+def test_nbval_directives_are_tags(path):
+    check_no_nbval_comments(load(path))
+
+
+@by_name
+def test_ends_with_exercises(path):
+    check_exercises(load(path))
 
 
 @by_name
