@@ -95,7 +95,7 @@ def check_ends_with_exercises(nb: dict) -> None:
     index, last = headings[-1]
     assert last.strip().lower().startswith("## exercises"), f"the last section is {last.strip()!r}, not '## Exercises'"
     text = "\n".join(source(c) for c in nb["cells"][index:])
-    tasks = re.findall(r"^\s*\d+\.\s", text, flags=re.M)
+    tasks = re.findall(r"^\s*(?:\*\*|#+\s*)?\d+\.\s", text, flags=re.M)  # "1. ", "**1. ", "### 1. "
     assert len(tasks) >= 3, f"the Exercises section has {len(tasks)} numbered tasks; give 3-5"
     assert "<details>" in text or "solutions/" in text, "give the solutions: collapsed <details>, or a solutions notebook"
 
