@@ -5,7 +5,8 @@
 * ``top_directions`` / ``subspace_similarity``: the paper's Eq. 4,
   phi(i, j) = ||U_i^T U_j||_F^2 / min(i, j), in [0, 1];
 * ``expected_random_similarity``: phi between random subspaces, the baseline for Eq. 4;
-* ``amplification``: how much dW amplifies directions that W already has (Table 7).
+* ``amplification``: how much dW amplifies directions that W already has (Table 7),
+  with scale-free ratios (alignment against chance, size of dW against W).
 
 Every function takes tensors from any device (a CUDA model's weights, a CPU
 copy taken before training, a NumPy array) and computes on the CPU in
@@ -117,18 +118,32 @@ def expected_random_similarity(d: int, i: int, j: int) -> float:
     return max(i, j) / d
 
 
-def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> dict:
+def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0, n_random: int = 20) -> dict:
     """The paper's Table 7: how strongly ``dW`` amplifies directions of ``W``.
 
-    Projects W onto the top-r singular directions of dW (``||U^T W V||_F``)
-    and, for comparison, onto W's own top-r directions and onto a random r-dim
-    subspace. The amplification factor is ``||dW||_F / ||U^T W V||_F``.
+    Projects W onto the top-r singular directions of dW (``proj_on_dW`` =
+    ``||U^T W V||_F``) and, for comparison, onto W's own top-r directions
+    (``proj_on_W``) and onto ``n_random`` random pairs of r-dim subspaces
+    (``proj_on_random``: their mean, ``proj_on_random_sd``: their spread).
+    The paper's amplification factor is ``||dW||_F / ||U^T W V||_F``.
+
+    Two scale-free numbers make runs of different lengths and widths comparable:
+
+    * ``alignment`` = ``proj_on_dW / random_expected``, where ``random_expected`` =
+      ``||W||_F r / sqrt(d_out d_in)`` is what a random pair of r-dim subspaces catches
+      on average (``E ||U^T W V||_F^2 = ||W||_F^2 r^2 / (d_out d_in)``): 1 means "no more
+      aligned with W than chance";
+    * ``relative_update`` = ``||dW||_F / ||W||_F``: how large the update is.
+
     ``W`` and ``dW`` must have the same shape, and ``1 <= r <= min(W.shape)``.
     """
     if tuple(W.shape) != tuple(dW.shape) or W.ndim != 2:
         raise ValueError(f"W and dW must be matrices of the same shape, got {tuple(W.shape)} and {tuple(dW.shape)}")
     r = _check_count(r, "r", min(W.shape), W.shape)
+    if isinstance(n_random, bool) or not isinstance(n_random, numbers.Integral) or n_random < 1:
+        raise ValueError(f"n_random must be a whole number >= 1 (random subspace pairs to average), got {n_random!r}")
     W, dW = _cpu64(W), _cpu64(dW)
+    d_out, d_in = W.shape
 
     def projected(U, V):
         return float((U.T @ W @ V).norm())
@@ -136,10 +151,18 @@ def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0) -> d
     U_d, _, Vh_d = torch.linalg.svd(dW, full_matrices=False)
     U_w, _, Vh_w = torch.linalg.svd(W, full_matrices=False)
     g = torch.Generator().manual_seed(seed)
-    U_r, _ = torch.linalg.qr(torch.randn(W.shape[0], r, generator=g, dtype=torch.float64))
-    V_r, _ = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g, dtype=torch.float64))
+    draws = []
+    for _ in range(n_random):
+        U_r, _ = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=torch.float64))  # d_out x r, orthonormal
+        V_r, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64))   # d_in x r
+        draws.append(projected(U_r, V_r))
+    draws = torch.tensor(draws, dtype=torch.float64)
     along_dW = projected(U_d[:, :r], Vh_d[:r].T)
-    return {"r": r, "norm_dW": float(dW.norm()), "norm_W": float(W.norm()),
+    norm_W, norm_dW = float(W.norm()), float(dW.norm())
+    random_expected = norm_W * r / (d_out * d_in) ** 0.5
+    return {"r": r, "norm_dW": norm_dW, "norm_W": norm_W,
             "proj_on_dW": along_dW, "proj_on_W": projected(U_w[:, :r], Vh_w[:r].T),
-            "proj_on_random": projected(U_r, V_r),
-            "amplification": float(dW.norm()) / along_dW if along_dW > 0 else float("inf")}
+            "proj_on_random": float(draws.mean()), "proj_on_random_sd": float(draws.std()) if n_random > 1 else 0.0,
+            "random_expected": random_expected, "alignment": along_dW / random_expected,
+            "relative_update": norm_dW / norm_W,
+            "amplification": norm_dW / along_dW if along_dW > 0 else float("inf")}

@@ -150,8 +150,21 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
             "n_test": data.n_test}
 
 
+def paired(runs_a: list, runs_b: list, labels) -> list[dict]:
+    """McNemar's test of ``runs_a`` against ``runs_b`` seed by seed (the runs of one seed paired), on the test split.
+
+    ``[{"seed", "a_only", "b_only", "p_value", "accuracy_difference"}]``, one per seed the two share.
+    """
+    by_seed = {b.seed: b for b in runs_b}
+    shared = [a for a in runs_a if a.seed in by_seed]
+    if not shared:
+        raise ValueError(f"no seed in common: {[a.seed for a in runs_a]} against {sorted(by_seed)}")
+    return [{"seed": a.seed, **mcnemar(a.test["predictions"], by_seed[a.seed].test["predictions"], labels)}
+            for a in shared]
+
+
 def paired_tests(results: dict, reference: str = "full") -> dict:
-    """McNemar's test of each method against ``reference``, seed by seed, on the shared test reviews.
+    """``paired`` for each method against ``reference`` (``compare_methods``' result).
 
     ``{method: [{"seed", "a_only", "b_only", "p_value", "accuracy_difference"}]}`` (a = the method).
     """
@@ -159,10 +172,8 @@ def paired_tests(results: dict, reference: str = "full") -> dict:
     if reference not in results["runs"]:
         return out
     for method, runs in results["runs"].items():
-        if method == reference:
-            continue
-        out[method] = [{"seed": a.seed, **mcnemar(a.test["predictions"], b.test["predictions"], labels)}
-                       for a, b in zip(runs, results["runs"][reference])]
+        if method != reference:
+            out[method] = paired(runs, results["runs"][reference], labels)
     return out
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from lora_helpers import apply_lora, lora_layers, merge_lora
+from lora_helpers.experiments import PAPER_TABLE7
 from lora_helpers.analysis import (amplification, energy_in_top, expected_random_similarity, random_like,
                                    subspace_similarity, subspace_similarity_grid, top_directions, weight_updates)
 
@@ -145,6 +146,40 @@ def test_amplification_rank_two_with_signs():
     assert out["proj_on_dW"] == pytest.approx(math.sqrt(0.5 ** 2 + 2.0 ** 2))
     assert out["amplification"] == pytest.approx(5.0 / math.sqrt(4.25))
 
+
+
+def test_amplification_random_expectation_matches_monte_carlo():
+    # E ||U^T W V||_F^2 = ||W||_F^2 r^2 / (d_out d_in) for random orthonormal U (d_out x r), V (d_in x r):
+    # check the closed form against a Monte-Carlo mean computed here, and that a random dW is not "aligned".
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(40, 30, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(3, 0.1, 30, dtype=torch.float64))
+    r = 3
+    sq = []
+    for _ in range(1000):
+        U, _ = torch.linalg.qr(torch.randn(40, r, generator=g, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(30, r, generator=g, dtype=torch.float64))
+        sq.append(float((U.T @ W @ V).square().sum()))
+    out = amplification(W, torch.randn(40, 30, generator=g, dtype=torch.float64), r=r, n_random=200)
+    assert out["random_expected"] ** 2 == pytest.approx(sum(sq) / len(sq), rel=0.08)
+    assert out["proj_on_random"] == pytest.approx(out["random_expected"], rel=0.1)  # mean of sqrt <= sqrt of mean
+    assert 0.3 < out["alignment"] < 3.0                                            # chance level, not 10x
+    assert out["relative_update"] == pytest.approx(out["norm_dW"] / W.norm().item())
+
+
+def test_amplification_random_expectation_reproduces_the_papers_random_column():
+    # The paper's Table 7 measured a random projection of W_q (12,288 x 12,288, ||W_q||_F = 61.95): 0.02 at r = 4,
+    # 0.33 at r = 64 (one draw each, printed to two decimals). The closed form ||W||_F r / d gives 0.020 and 0.323.
+    for r, row in PAPER_TABLE7.items():
+        assert row["norm_W"] * r / row["d"] == pytest.approx(row["proj_on_random"], rel=0.05)
+    # ... and the paper's amplification factors, 21.5 at r = 4 and about 1.9 at r = 64
+    assert PAPER_TABLE7[4]["norm_dW"] / PAPER_TABLE7[4]["proj_on_dW"] == pytest.approx(21.5, abs=0.2)
+    assert PAPER_TABLE7[64]["norm_dW"] / PAPER_TABLE7[64]["proj_on_dW"] == pytest.approx(1.9, abs=0.05)
+
+
+def test_amplification_refuses_a_bad_number_of_random_draws():
+    for n in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n_random"):
+            amplification(torch.eye(4), torch.eye(4), r=1, n_random=n)
 
 # ------------------------------------------------------------------ weight updates of a LoRA model
 

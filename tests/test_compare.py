@@ -82,3 +82,27 @@ def test_cli_has_a_compare_subcommand():
     assert args.func.__name__ == "_cmd_compare" and args.methods == ["full", "lora"] and args.out == "x.json"
     args = build_parser().parse_args(["compare"])
     assert args.methods == ["full", "lora", "lora-all", "head"] and args.seeds == 3 and not args.sweep
+
+
+def test_paired_pairs_runs_by_seed_and_counts_disagreements_by_hand():
+    from types import SimpleNamespace
+
+    from lora_helpers.compare import paired, verdict
+
+    labels = [1, 0, 1, 1, 0, 0, 1, 0]
+
+    def runs(*predictions_by_seed):
+        return [SimpleNamespace(seed=s, test={"predictions": p}) for s, p in predictions_by_seed]
+
+    a = runs((0, [1, 0, 1, 1, 0, 0, 1, 0]), (1, [1, 0, 1, 1, 0, 0, 0, 1]))  # seed 0 all right; seed 1 two wrong
+    b = runs((1, [1, 0, 1, 1, 0, 0, 1, 0]), (0, [0, 1, 0, 1, 0, 0, 1, 0]))  # listed in the other order
+    tests = paired(a, b, labels)
+    assert [t["seed"] for t in tests] == [0, 1]
+    # seed 0: a right where b is wrong on 3 reviews, never the reverse; seed 1: the reverse on 2
+    assert (tests[0]["a_only"], tests[0]["b_only"]) == (3, 0)
+    assert (tests[1]["a_only"], tests[1]["b_only"]) == (0, 2)
+    assert tests[0]["p_value"] == pytest.approx(2 * 0.5 ** 3)  # exact two-sided binomial, b + c = 3
+    assert tests[0]["accuracy_difference"] == pytest.approx(3 / 8)
+    assert verdict(tests) == "within noise"  # opposite signs, neither significant
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired(a, runs((5, labels)), labels)
