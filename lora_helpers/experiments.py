@@ -5,8 +5,9 @@ Introduced in notebook 05 (``05_rank_and_what_lora_learns.ipynb``). It offers
 * ``TARGET_SETS``: the choices of weight matrices the notebook compares (paper Table 5);
 * ``lora_param_count`` / ``rank_for_budget``: trainable LoRA parameters of a
   choice at rank ``r``, and the rank that spends a given budget;
-* ``study_profile``: the run settings for the studies (shorter reviews than the
-  profile's own runs, so that the notebook's runs fit in minutes);
+* ``study_profile``: the run settings for the studies (dropout off, one validation
+  pass per run, shorter reviews in ``cpu``/``gpu``), so that the notebook's runs fit;
+* ``PAPER_TABLE7``: the paper's amplification numbers (GPT-3, W_q of layer 48);
 * ``pissa_init_``: a PiSSA-like init (A, B from W's top-r singular directions,
   the base weight replaced by the residual), the model unchanged at init;
 * ``lora_variant``: the ``MethodSpec`` of one LoRA variant (targets, r, alpha,
@@ -15,18 +16,13 @@ Introduced in notebook 05 (``05_rank_and_what_lora_learns.ipynb``). It offers
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .lora import (LoRALinear, _matches, _summarise, apply_lora, count_parameters, linear_names, lora_layers,
-                   mark_only_lora_trainable)
-from .loop import encode, evaluate, make_batches, train
+from .lora import LoRALinear, _matches, _summarise, linear_names, lora_layers
 from .methods import MethodSpec
 from .profiles import Profile
-from .runner import lora_factors
-from .utils import get_device, set_seed
 
 # The paper's Table 5 compares subsets of {W_q, W_k, W_v, W_o}; we add the feed-forward pair too.
 TARGET_SETS = {
@@ -35,6 +31,14 @@ TARGET_SETS = {
     "q,v": ("q_lin", "v_lin"),
     "q,k,v,o": ("q_lin", "k_lin", "v_lin", "out_lin"),
     "q,k,v,o,ffn": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+}
+
+# The paper's Table 7 (Hu et al. 2021, Section 7.3): W_q of GPT-3 175B's 48th layer (12,288 x 12,288) and the
+# LoRA update dW_q learned at rank r. "proj_*" are ||U^T W_q V||_F with U, V the top-r singular directions of
+# dW_q, of W_q itself, or random. The ratios the notebook compares are derived from these numbers.
+PAPER_TABLE7 = {
+    4: {"d": 12288, "norm_W": 61.95, "norm_dW": 6.91, "proj_on_dW": 0.32, "proj_on_W": 21.67, "proj_on_random": 0.02},
+    64: {"d": 12288, "norm_W": 61.95, "norm_dW": 3.57, "proj_on_dW": 1.90, "proj_on_W": 37.71, "proj_on_random": 0.33},
 }
 
 
@@ -83,21 +87,25 @@ def rank_for_budget(model: nn.Module, targets, budget: int) -> int:
 # ------------------------------------------------------------------ run settings and data
 
 def study_profile(profile: Profile, **overrides) -> Profile:
-    """The settings the notebook-05 studies run with, derived from ``profile``.
+    """The settings notebook 05's studies run with, derived from ``profile``.
 
-    About fifteen runs share one notebook, so each must be shorter than the
-    profile's own run: ``smoke`` keeps its data size and halves the review length
-    to 64 tokens (a LoRA run is then 63 steps of 16 reviews, about 25 s on 2 CPU
-    cores); ``cpu`` halves the review length too (128). ``gpu`` keeps the full
-    25,000 training and test reviews but trains one epoch at 256 tokens: fifteen
-    two-epoch runs at 512 tokens would take many hours, beyond a Colab session.
-    ``overrides`` change any field afterwards.
+    About twenty runs share one notebook, so each must be short: ``smoke`` keeps its
+    sizes (64 tokens, 63 steps, about 25 s per LoRA run on 2 CPU cores); ``cpu`` halves
+    the review length (128); ``gpu`` keeps all 25,000 training reviews but trains one
+    epoch at 256 tokens (twenty two-epoch runs at 512 tokens would outlast a Colab
+    session). Two settings hold for every profile:
+
+    * ``lora_dropout=0``: the PiSSA run (section 5b) must start from the pretrained
+      model, so dropout on its branch is off, and the zero-B runs it is compared with
+      must match it;
+    * the validation split is scored once, after the last step (``eval_every=None``):
+      the studies compare final models, and each extra pass costs time.
+
+    Everything else (learning rates, alpha, schedule) is the profile's. ``overrides``
+    change any field afterwards.
     """
-    if profile.name == "smoke":
-        # lr 1e-3 for LoRA and head: the rate notebook 05's committed run used (its rewrite on the
-        # validation split, issue 12, will choose its own)
-        profile = profile.replace(max_length=min(profile.max_length, 64), lr_lora=1e-3)
-    elif profile.name == "cpu":
+    profile = profile.replace(lora_dropout=0.0, eval_every=None)
+    if profile.name == "cpu":
         profile = profile.replace(max_length=min(profile.max_length, 128))
     elif profile.name == "gpu":
         profile = profile.replace(max_length=min(profile.max_length, 256), epochs=1)
@@ -156,126 +164,3 @@ def lora_variant(targets, r: int, alpha: float | None = None, profile: Profile |
     dropout = (profile.lora_dropout if profile is not None else 0.1) if lora_dropout is None else lora_dropout
     return MethodSpec(name or f"{','.join(t.removesuffix('_lin') for t in targets)} r={r}", "lora",
                       targets=targets, r=r, lora_alpha=alpha, lora_dropout=dropout, rslora=rslora, init=init)
-
-
-# ------------------------------------------------------------------ notebook 05's committed run (legacy path)
-# Notebook 05 as committed was run with these helpers: a study tokenized without a validation split, LoRA and
-# head at one rate, the test split scored after every run. They stay, unchanged, until notebook 05 is rebuilt on
-# ``runner.run`` with validation-based choices (issue 12); new code should use ``lora_variant`` + ``runner.run``.
-
-@dataclass
-class StudyData:
-    """Reviews tokenized once: training ids (re-batched per seed) and fixed test batches."""
-    train_ids: list
-    train_labels: list
-    test_batches: list
-    batch_size: int
-    pad_id: int
-
-    def train_batches(self, seed: int = 0) -> list:
-        """The training batches in the order of ``seed`` (shuffled, dynamically padded)."""
-        return make_batches(self.train_ids, self.train_labels, self.batch_size, self.pad_id, True, seed)
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train_ids)
-
-    @property
-    def n_test(self) -> int:
-        return sum(len(b["labels"]) for b in self.test_batches)
-
-
-def tokenize_once(profile: Profile, data, tokenizer) -> StudyData:
-    """Encode ``data`` (``load_imdb``'s DatasetDict) at ``profile.max_length``, once for all runs."""
-    test_ids = encode(data["test"]["text"], tokenizer, profile.max_length)
-    return StudyData(train_ids=encode(data["train"]["text"], tokenizer, profile.max_length),
-                     train_labels=list(data["train"]["label"]),
-                     test_batches=make_batches(test_ids, data["test"]["label"], profile.eval_batch_size,
-                                               tokenizer.pad_token_id),
-                     batch_size=profile.batch_size, pad_id=tokenizer.pad_token_id)
-
-
-
-
-@dataclass
-class VariantResult:
-    """What one LoRA run of the studies leaves behind."""
-    name: str
-    targets: tuple
-    r: int
-    lora_alpha: float
-    scaling: float
-    seed: int
-    init: str
-    rslora: bool
-    lora_params: int            # lora_A + lora_B only
-    trainable_params: int       # + the classification head
-    accuracy: float
-    test_loss: float
-    losses: list = field(default_factory=list)
-    steps: int = 0
-    train_time_s: float = 0.0
-    factors: dict = field(default_factory=dict, repr=False)          # lora_factors after training
-    initial_factors: dict = field(default_factory=dict, repr=False)  # ... and before it
-
-    def delta_weight(self, layer: str) -> torch.Tensor:
-        """The trained update ``scaling * B A`` of one LoRA layer (float32, CPU)."""
-        f = self.factors[layer]
-        return f["scaling"] * f["B"] @ f["A"]
-
-    def update_norm(self, initial: bool = False) -> float:
-        """``sqrt(sum over layers ||scaling * B A||_F^2)``: the size of the whole trained update (or of the init's)."""
-        factors = self.initial_factors if initial else self.factors
-        return math.sqrt(sum(float((f["scaling"] * f["B"] @ f["A"]).square().sum()) for f in factors.values()))
-
-    def line(self) -> str:
-        """One compact line for a log."""
-        return (f"{self.name:<16} r={self.r:<3} scale={self.scaling:<6.3g} LoRA params={self.lora_params:>9,}  "
-                f"test acc={self.accuracy:.3f}  loss last10={sum(self.losses[-10:]) / max(1, len(self.losses[-10:])):.3f}"
-                f"  ({self.steps} steps, {self.train_time_s:.0f} s)")
-
-
-def train_lora_variant(profile: Profile, batches: StudyData, targets, r: int, alpha: float | None = None,
-                       seed: int = 0, init: str = "zero", rslora: bool = False, name: str | None = None,
-                       backbone=None, device=None, verbose: bool = True):
-    """Train one LoRA variant from a fresh backbone; returns ``(model, VariantResult)``.
-
-    ``targets``: module names (``TARGET_SETS[...]``); ``alpha`` defaults to the
-    profile's ``lora_alpha`` (kept fixed across ranks, as in the paper);
-    ``seed`` sets the head init, the LoRA init, the dropout masks and the data
-    order; ``init="pissa"`` applies ``pissa_init_`` to every LoRA layer;
-    ``rslora=True`` scales by ``alpha / sqrt(r)`` instead of ``alpha / r``.
-    ``backbone`` is a ``load_backbone``-style callable (default: ``load_backbone``).
-    """
-    from .backbone import load_backbone
-
-    if init not in ("zero", "pissa"):
-        raise ValueError(f"init must be 'zero' (B = 0, the paper's) or 'pissa', got {init!r}")
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    alpha = profile.lora_alpha if alpha is None else alpha
-    name = name or f"{','.join(targets)} r={r}"
-    device = get_device() if device is None else torch.device(device)
-    set_seed(seed)
-    model, _, _ = (backbone or load_backbone)(profile.backbone, seed=seed, verbose=False)
-    apply_lora(model, targets, r=r, lora_alpha=alpha, lora_dropout=profile.lora_dropout, use_rslora=rslora)
-    layers = lora_layers(model)
-    if init == "pissa":
-        for layer in layers.values():
-            pissa_init_(layer)
-    mark_only_lora_trainable(model, extra_trainable=profile.head_modules)
-    initial = lora_factors(model)
-    lora_params = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())
-    trainable = count_parameters(model).trainable
-    set_seed(seed)  # the same dropout masks whatever happened before
-    result = train(model, batches.train_batches(seed), None, lr=profile.lr_lora, epochs=profile.epochs,
-                   warmup_ratio=profile.warmup_ratio, weight_decay=profile.weight_decay,
-                   max_grad_norm=profile.max_grad_norm, device=device, desc=name)
-    final = evaluate(model, batches.test_batches, device)
-    out = VariantResult(name=name, targets=targets, r=r, lora_alpha=alpha, scaling=next(iter(layers.values())).scaling,
-                        seed=seed, init=init, rslora=rslora, lora_params=lora_params, trainable_params=trainable,
-                        accuracy=final["accuracy"], test_loss=final["loss"], losses=result.losses,
-                        steps=result.steps, train_time_s=result.wall_time_s, factors=lora_factors(model),
-                        initial_factors=initial)
-    if verbose:
-        print(out.line())
-    return model, out

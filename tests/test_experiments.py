@@ -72,7 +72,11 @@ def test_study_profile_scales_from_the_profile():
     study_gpu = study_profile(gpu)  # all the reviews, shorter and fewer passes
     assert (study_gpu.n_train, study_gpu.n_test) == (gpu.n_train, gpu.n_test) and study_gpu.n_train is None
     assert (study_gpu.max_length, study_gpu.epochs) == (256, 1)
-    assert study_gpu.replace(max_length=gpu.max_length, epochs=gpu.epochs) == gpu  # nothing else changed
+    # nothing else changed but the two settings every study shares: dropout off (PiSSA), one validation pass
+    assert study_gpu.replace(max_length=gpu.max_length, epochs=gpu.epochs, lora_dropout=gpu.lora_dropout,
+                             eval_every=gpu.eval_every) == gpu
+    assert (study_gpu.lora_dropout, study_gpu.eval_every, study_profile(smoke).lora_dropout) == (0.0, None, 0.0)
+    assert study_profile(smoke).lr_lora == smoke.lr_lora  # the rate tuned on validation (notebook 04's sweep)
     assert study_profile(smoke, n_train=10).n_train == 10
 
 
