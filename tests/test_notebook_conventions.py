@@ -71,6 +71,8 @@ def check_install_cell(nb: dict, repo_url: str) -> None:
     assert any(f"git+{repo_url}" in line and line.strip().startswith("%pip") for line in pips), \
         f"the install cell must `%pip install` from git+{repo_url}"
     assert not cell.get("outputs"), "the install cell prints nothing outside Colab"
+    assert 'find_spec("lora_helpers")' in source(cell) and "raise SystemExit(" in source(cell), \
+        "the install cell skips pip when lora_helpers is importable and stops with one clear message if it is not"
 
 
 def check_versions_cell(nb: dict) -> None:
@@ -256,3 +258,36 @@ def test_set_repo_url_branch_and_dry_run(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "set_repo_url.py"), "gitlab.com/a/b", "--root",
                           str(root)], capture_output=True, text=True)
     assert bad.returncode != 0 and "expected a GitHub repository URL" in bad.stderr
+
+
+def run_install_cell(code: str, importable: bool, pip_works: bool, monkeypatch) -> list:
+    """Run the install cell as IPython would on Colab (a fake google.colab module, %pip recorded, not run)."""
+    import importlib.util
+    import types
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    calls = []
+    installed = {"done": importable}
+
+    class FakeShell:
+        def run_line_magic(self, name, line):
+            calls.append(f"%{name} {line}")
+            installed["done"] = installed["done"] or pip_works
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (real_find_spec(name, *a) if installed["done"] else None)
+                        if name == "lora_helpers" else real_find_spec(name, *a))
+    exec(TransformerManager().transform_cell(code), {"get_ipython": FakeShell})
+    return calls
+
+
+def test_install_cell_on_colab_installs_once_and_stops_clearly_when_pip_fails(monkeypatch):
+    code = source(load(NOTEBOOKS[0])["cells"][1])
+    assert run_install_cell(code, importable=True, pip_works=False, monkeypatch=monkeypatch) == []  # nothing to do
+    calls = run_install_cell(code, importable=False, pip_works=True, monkeypatch=monkeypatch)
+    assert len(calls) == 1 and f"git+{REPO_URL}" in calls[0]                                       # one install
+    with pytest.raises(SystemExit, match="Replace the URL in this cell"):                          # no ModuleNotFoundError later
+        run_install_cell(code, importable=False, pip_works=False, monkeypatch=monkeypatch)
