@@ -90,7 +90,7 @@ def study_profile(profile: Profile, **overrides) -> Profile:
     """The settings notebook 05's studies run with, derived from ``profile``.
 
     About twenty runs share one notebook, so each must be short: ``smoke`` keeps its
-    sizes (64 tokens, 63 steps, about 25 s per LoRA run on 2 CPU cores); ``cpu`` halves
+    sizes (64 tokens, 63 steps, about 45 s per LoRA run on the 2-core CI machine); ``cpu`` halves
     the review length (128); ``gpu`` keeps all 25,000 training reviews but trains one
     epoch at 256 tokens (twenty two-epoch runs at 512 tokens would outlast a Colab
     session). Two settings hold for every profile:

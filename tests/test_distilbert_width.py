@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertModel
 
-from lora_helpers import apply_lora, count_parameters, linear_names, lora_layers, mark_only_lora_trainable
+from lora_helpers import apply_lora, count_parameters, linear_names, mark_only_lora_trainable
 from lora_helpers.adapters import load_adapter, save_adapter
+from fakes import trained_looking
 from lora_helpers.backbone import _read_vocab, load_backbone, wordpiece_tokenizer
 from lora_helpers.memory import PAPER_MODELS, lora_trainable_params, measure_training_memory, training_memory_formula
 
@@ -66,18 +67,6 @@ def logits(model, inputs):
         return model.eval()(**inputs).logits
 
 
-def trained_looking(model, targets=("q_lin", "v_lin"), r=8, alpha=16, seed=1):
-    """LoRA with non-zero B and a changed head, as if trained."""
-    apply_lora(model, list(targets), r=r, lora_alpha=alpha)
-    mark_only_lora_trainable(model, extra_trainable=HEAD)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.normal_(0, 0.05, generator=g)
-        model.classifier.weight.normal_(0, 0.5, generator=g)
-    return model
-
-
 # ------------------------------------------------------------------ loading
 
 def test_load_backbone_from_the_folder_has_distilberts_shapes(loaded, distilbert_768):
@@ -124,7 +113,7 @@ def test_lora_on_every_block_linear_counts(loaded):
 # ------------------------------------------------------------------ adapters
 
 def test_adapter_round_trip_and_its_size(loaded, distilbert_768, tmp_path):
-    model, inputs = trained_looking(fresh(loaded)), loaded[1]
+    model, inputs = trained_looking(fresh(loaded), r=8, alpha=16), loaded[1]
     path = save_adapter(model, tmp_path / "adapter", extra=HEAD, base_model=str(distilbert_768))
     stored = LAYERS * 2 * 8 * (D + D) + HEAD_PARAMS             # A, B and the head, float32
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
@@ -138,7 +127,7 @@ def test_peft_export_and_import_give_the_same_logits(loaded, tmp_path):
     peft = pytest.importorskip("peft")
     from lora_helpers.peft_interop import export_to_peft, import_from_peft
 
-    ours, inputs = trained_looking(fresh(loaded)), loaded[1]
+    ours, inputs = trained_looking(fresh(loaded), r=8, alpha=16), loaded[1]
     expected = logits(ours, inputs)
     export_to_peft(ours, tmp_path / "peft")
     theirs = peft.PeftModel.from_pretrained(fresh(loaded), str(tmp_path / "peft"))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import apply_lora, count_parameters, lora_layers, mark_only_lora_trainable
+from lora_helpers import apply_lora, count_parameters, lora_layers
+from fakes import trained_looking
 from lora_helpers.backbone import load_backbone
 from lora_helpers.peft_interop import CONFIG_NAME, WEIGHTS_NAME, export_to_peft, import_from_peft
 
@@ -38,19 +39,6 @@ def logits(model, inputs):
     model.eval()
     with torch.no_grad():
         return model(**inputs).logits
-
-
-def trained_looking(model, targets=("q_lin", "v_lin"), r=4, alpha=8, rslora=False, seed=1):
-    """Our LoRA model with non-zero B and a changed head, as if trained."""
-    apply_lora(model, list(targets), r=r, lora_alpha=alpha, use_rslora=rslora)
-    mark_only_lora_trainable(model, extra_trainable=HEAD)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.normal_(0, 0.05, generator=g)
-        model.classifier.weight.normal_(0, 0.5, generator=g)
-        model.pre_classifier.bias.normal_(0, 0.1, generator=g)
-    return model
 
 
 # ------------------------------------------------------------------ ours -> PEFT
