@@ -20,7 +20,9 @@ module                introduced in
 ``compare``           04_lora_vs_full_finetuning
 ``experiments``       05_rank_and_what_lora_learns
 ``peft_interop``      06_adapters_in_practice
-``memory``            06_adapters_in_practice
+``memory``            06_adapters_in_practice (what fits, checkpointing: 07)
+``quant``             07_bigger_models (NF4, NF4Linear: QLoRA from scratch)
+``distributed``       07_bigger_models (LoRA data-parallel on CPU processes)
 ====================  ========================================================
 """
 from .adapters import load_adapter, lora_state_dict, read_adapter, save_adapter

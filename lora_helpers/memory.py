@@ -24,6 +24,10 @@ and the head train); the weights stay. This module gives
   process (CPU: resident set size; CUDA: allocated tensors), used by the
   training loop (notebook 03) and the comparison (notebook 04).
 
+Notebook 07 adds ``weight_bytes`` (parameters *and* buffers: an NF4 layer keeps its
+codes in buffers), ``enable_activation_checkpointing`` and, on paper, ``activation_bytes``
+and ``fits_table`` (1B-70B models on 16/24/80 GB GPUs).
+
 This is the one place where memory is measured. Introduced in notebook 06
 (``06_adapters_in_practice.ipynb``); ``PeakMemory`` first appears in notebook 03.
 """
@@ -173,6 +177,28 @@ def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` (distinct storages): what its weights occupy."""
+    return _storage_bytes(list(model.parameters()) + list(model.buffers()))
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them.
+
+    A Hugging Face model's own switch (``activation_checkpointing_enable`` in transformers 5,
+    ``gradient_checkpointing_enable`` before), with PyTorch's non-reentrant checkpoint, which
+    also works when the inputs need no gradient (a frozen embedding under LoRA).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise TypeError(f"{type(model).__name__} has no checkpointing switch: wrap its blocks with "
+                        "torch.utils.checkpoint.checkpoint yourself")
+
+
 def _default_loss(model: nn.Module, batch) -> torch.Tensor:
     out = model(**batch) if isinstance(batch, dict) else model(batch)
     return out.loss if hasattr(out, "loss") else out
@@ -270,6 +296,7 @@ class PaperModel:
     n_layers: int
     d_model: int
     head_params: int = 0    # a new task head trained alongside LoRA (0 for a language model)
+    n_heads: int = 0        # attention heads (for the activation estimate; 0: not needed)
 
 
 PAPER_MODELS = {
@@ -277,7 +304,11 @@ PAPER_MODELS = {
     "distilbert": PaperModel("DistilBERT-base, 2-label head", 66_955_010, 6, 768,
                              head_params=768 * 768 + 768 + 768 * 2 + 2),
     # a LLaMA-2-7B-shaped decoder (32 layers, d_model 4096), no new head
-    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096),
+    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096, n_heads=32),
+    # notebook 07's sizes: the published parameter counts of LLaMA-3.2-1B, LLaMA-2-13B and LLaMA-2-70B
+    "1b": PaperModel("1B decoder (LLaMA-3.2-1B shape)", 1_235_814_400, 16, 2048, n_heads=32),
+    "13b": PaperModel("13B decoder (LLaMA-2-13B shape)", 13_015_864_320, 40, 5120, n_heads=40),
+    "70b": PaperModel("70B decoder (LLaMA-2-70B shape)", 68_976_648_192, 80, 8192, n_heads=64),
 }
 
 # name -> (description, formula keyword arguments)
@@ -313,5 +344,57 @@ def paper_scaling_table(models: Iterable[str] = ("distilbert", "7b"), r: int = 8
     return rows
 
 
-__all__ = ["PeakMemory", "memory_now_mib", "training_memory_formula", "measure_training_memory", "lora_trainable_params", "paper_scaling_table",
+# ------------------------------------------------------------------ what fits (notebook 07)
+
+def activation_bytes(n_layers: int, d_model: int, seq_len: int, batch: int = 1, checkpointing: bool = False) -> int:
+    """Activations of a transformer training step, estimated (16-bit activations), in bytes.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", arXiv 2205.05198), Eq. 1: ``s b h (34 + 5 a s / h)`` bytes per layer; the
+    ``5 a s / h`` term (the stored attention scores) is left out because fused attention
+    kernels (FlashAttention, PyTorch's SDPA) do not store them: ``34 s b h`` per layer.
+    With every layer checkpointed only each layer's input stays (``2 s b h`` bytes per
+    layer) plus one layer's activations while it is recomputed. A GPT-style block (4h MLP);
+    LLaMA's SwiGLU MLP and grouped-query attention change the constant somewhat.
+    """
+    sbh = seq_len * batch * d_model
+    per_layer = 34 * sbh
+    return n_layers * 2 * sbh + per_layer if checkpointing else n_layers * per_layer
+
+
+QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 with double quantisation (quant.bits_per_weight(double_quant=True))
+
+
+def fits_table(models: Iterable[str] = ("1b", "7b", "13b", "70b"), r: int = 8, seq_len: int = 1024, batch: int = 1,
+               gpus_gib: Iterable[int] = (16, 24, 80)) -> list[dict]:
+    """Full fine-tuning, LoRA and QLoRA, with and without checkpointing: GiB needed and which GPUs they fit.
+
+    Computed, not measured: ``training_memory_formula`` under ``PRECISIONS["mixed"]`` (16 bytes
+    per trained parameter; 2 per frozen one), QLoRA's frozen weights at ``QLORA_BITS`` bits,
+    and ``activation_bytes`` for ``batch`` x ``seq_len`` tokens. LoRA (rank ``r`` on W_q, W_v
+    of every layer, ``lora_trainable_params``) counts W_v as d x d, which grouped-query models
+    (1B, 70B) do not have: their LoRA share is slightly smaller. Embeddings are quantised
+    along with the rest (bitsandbytes keeps them in 16 bits: a few hundred MB more).
+    """
+    mixed = PRECISIONS["mixed"][1]
+    rows = []
+    for key in models:
+        m = PAPER_MODELS[key]
+        n_lora = lora_trainable_params(m.n_layers, m.d_model, r=r)
+        parts = {
+            "full": training_memory_formula(m.n_params, m.n_params, **mixed)["total"],
+            f"LoRA r={r}": (training_memory_formula(m.n_params + n_lora, n_lora, **mixed)["total"]),
+            f"QLoRA r={r}": (m.n_params * QLORA_BITS / 8 + training_memory_formula(n_lora, n_lora, **mixed)["total"]),
+        }
+        for method, states in parts.items():
+            for ckpt in (False, True):
+                act = activation_bytes(m.n_layers, m.d_model, seq_len, batch, ckpt)
+                total = (states + act) / GiB
+                rows.append({"model": m.name, "method": method, "checkpointing": ckpt,
+                             "weights_grads_optimizer_gib": states / GiB, "activations_gib": act / GiB,
+                             "total_gib": total, **{f"fits_{g}gb": total <= g for g in gpus_gib}})
+    return rows
+
+
+__all__ = ["weight_bytes", "enable_activation_checkpointing", "activation_bytes", "fits_table", "QLORA_BITS", "PeakMemory", "memory_now_mib", "training_memory_formula", "measure_training_memory", "lora_trainable_params", "paper_scaling_table",
            "PAPER_MODELS", "PRECISIONS", "OPTIMIZER_STATES", "ACTIVATIONS_NOTE", "PaperModel", "MiB", "GiB"]

@@ -106,3 +106,33 @@ def test_measurement_refuses_bad_input():
     net(torch.randn(2, 10)).sum().backward()
     with pytest.raises(ValueError, match="already hold gradients"):
         measure_training_memory(net, torch.randn(2, 10), loss_fn=lambda model, batch: model(batch).sum())
+
+
+# ------------------------------------------------------------------ notebook 07: what fits
+
+def test_activation_estimate_follows_korthikanti_eq1_without_the_score_term():
+    from lora_helpers.memory import activation_bytes
+    # one layer, s=2048, b=1, h=4096: 34 s b h bytes (Korthikanti et al. 2022, Eq. 1, minus 5as/h)
+    assert activation_bytes(1, 4096, 2048) == 34 * 2048 * 4096
+    # checkpointing: 2 s b h per layer kept + one layer recomputed
+    assert activation_bytes(32, 4096, 2048, checkpointing=True) == 32 * 2 * 2048 * 4096 + 34 * 2048 * 4096
+
+
+def test_fits_table_reproduces_the_qlora_headline():
+    """QLoRA's abstract: a 65B model fine-tuned on one 48 GB GPU; 16-bit full fine-tuning of it needs > 780 GB."""
+    from lora_helpers.memory import fits_table
+    rows = {(r["model"][:3], r["method"].split()[0], r["checkpointing"]): r for r in fits_table(seq_len=512)}
+    assert rows[("70B", "QLoRA", True)]["total_gib"] < 48 < rows[("70B", "LoRA", True)]["total_gib"]
+    assert rows[("70B", "full", True)]["total_gib"] > 780 * 1e9 / GiB
+    # the 7B QLoRA of the paper's Guanaco runs fits a 16 GB T4 with checkpointing; full fine-tuning does not fit 80 GB
+    assert rows[("7B ", "QLoRA", True)]["fits_16gb"] and not rows[("7B ", "full", True)]["fits_80gb"]
+
+
+def test_weight_bytes_counts_buffers_too():
+    from lora_helpers.memory import weight_bytes
+    from lora_helpers.quant import NF4Linear
+    lin = nn.Linear(128, 64)
+    assert weight_bytes(lin) == (128 * 64 + 64) * 4
+    q = NF4Linear.from_linear(lin)
+    # 4 bits per weight + one fp32 absmax per 64 weights + the fp32 bias + the 16-value code book
+    assert weight_bytes(q) == 128 * 64 // 2 + 128 * 64 // 64 * 4 + 64 * 4 + 16 * 4
