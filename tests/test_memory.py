@@ -136,3 +136,44 @@ def test_weight_bytes_counts_buffers_too():
     q = NF4Linear.from_linear(lin)
     # 4 bits per weight + one fp32 absmax per 64 weights + the fp32 bias + the 16-value code book
     assert weight_bytes(q) == 128 * 64 // 2 + 128 * 64 // 64 * 4 + 64 * 4 + 16 * 4
+
+
+def test_activation_checkpointing_keeps_fewer_activations_and_lora_still_trains():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from lora_helpers.memory import enable_activation_checkpointing
+
+    def lora_model(checkpointing):
+        torch.manual_seed(0)
+        model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=3, n_heads=2,
+                                                                     hidden_dim=64, max_position_embeddings=64, dropout=0.0,
+                                                                     attention_dropout=0.0, seq_classif_dropout=0.0))
+        apply_lora(model, ["q_lin", "v_lin"], r=4)
+        mark_only_lora_trainable(model, extra_trainable=["pre_classifier", "classifier"])
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+
+    batch = {"input_ids": torch.randint(1, 100, (4, 48), generator=torch.Generator().manual_seed(1)),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    plain, ckpt = lora_model(False), lora_model(True)
+    a_plain = measure_training_memory(plain, batch)["activations"]
+    a_ckpt = measure_training_memory(ckpt, batch)["activations"]
+    assert a_ckpt < a_plain / 2
+    # the frozen embeddings need no gradient, yet B of the first layer gets one through the checkpointed block
+    ckpt.train()
+    with torch.no_grad():
+        for m in ckpt.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_()
+    ckpt(**batch).loss.backward()
+    first_b = ckpt.distilbert.transformer.layer[0].attention.q_lin.lora_B.grad
+    assert first_b is not None and first_b.abs().sum() > 0
+    # same gradients as without checkpointing (it recomputes, it does not approximate)
+    plain.load_state_dict(ckpt.state_dict())
+    plain.train()
+    plain.zero_grad(set_to_none=True)
+    plain(**batch).loss.backward()
+    torch.testing.assert_close(first_b, plain.distilbert.transformer.layer[0].attention.q_lin.lora_B.grad)
+    with pytest.raises(TypeError, match="checkpoint"):
+        enable_activation_checkpointing(nn.Linear(2, 2))
