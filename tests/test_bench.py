@@ -25,7 +25,7 @@ def test_bench_quick(tmp_path):
     assert proc.stdout.count("PASS") + proc.stdout.count("MISS") == 3
     res = json.loads(out.read_text())
     assert set(res) == {"machine", "settings", "train_step", "memory", "inference", "merged_vs_unmerged_max_diff",
-                        "peft", "goals"}
+                        "peft", "goals", "split", "load_average"}
     assert {"cpu", "cores", "torch_threads", "torch", "peft"} <= set(res["machine"])
     assert res["settings"]["quick"] is True and res["machine"]["torch_threads"] == 2
     assert set(res["train_step"]) == set(res["memory"]) == {"full", "lora", "head"}
@@ -34,5 +34,13 @@ def test_bench_quick(tmp_path):
         assert {"median", "q1", "q3", "min", "max", "n"} <= set(stats)
     assert res["memory"]["full"]["trainable_params"] > 100 * res["memory"]["lora"]["trainable_params"]
     assert res["peft"]["max_abs_logit_diff"] < 1e-5
-    assert set(res["goals"]) == {"lora_vs_full_step", "merged_vs_base_latency", "ours_vs_peft_step"}
+    assert set(res["goals"]) == {"merged_vs_base_latency", "ours_vs_peft_step", "lora_vs_floor_768"}
+    # the phase split at both widths; the floor trains no weight inside the blocks, so its optimizer step is the head's
+    assert set(res["split"]) == {"384", "768"}
+    for block in res["split"].values():
+        phases = block["phases"]
+        assert set(phases) == {"full", "lora", "lora, dropout 0", "floor", "head"}
+        for v in phases.values():
+            assert set(v) == {"forward", "backward", "optimizer", "step"}
+    assert "768 wide" in proc.stdout and "/ floor" in proc.stdout
     assert all(isinstance(goal["pass"], bool) for goal in res["goals"].values())
