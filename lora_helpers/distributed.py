@@ -4,8 +4,9 @@ Data parallelism (PyTorch's ``DistributedDataParallel``, DDP) gives every proces
 copy of the model and a slice of each batch. After ``backward`` the processes
 average their gradients (an all-reduce) so that every copy takes the same step.
 DDP all-reduces only parameters with ``requires_grad=True``: with LoRA that is
-``A``, ``B`` and the new head, a fraction of a percent of the bytes full
-fine-tuning would send every step.
+``A``, ``B`` and the new head, about 1% of the bytes full fine-tuning would send
+every step here (mostly the head's). Besides, DDP broadcasts the model once when it
+wraps it; per-step buffer broadcasts are switched off (``broadcast_buffers=False``).
 
 ``run_data_parallel`` shows it on CPU with the ``gloo`` backend: it tokenises a
 few global batches once, trains ``world_size`` processes on equal slices of them,
@@ -93,18 +94,24 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _train(model: nn.Module, batches, lr: float, sync=None) -> list[float]:
-    """Plain AdamW steps on ``batches``; ``sync`` is the DDP wrapper when data-parallel."""
+def _train(model: nn.Module, batches, lr: float, sync=None) -> tuple[list[float], dict]:
+    """Plain AdamW steps on ``batches``; ``sync`` is the DDP wrapper when data-parallel.
+
+    Returns the losses and the gradients of the first step (before AdamW, which would hide
+    their scale: a sum over processes instead of a mean would train almost alike).
+    """
     net = sync or model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
+    losses, first_grads = [], {}
     for batch in batches:
         loss = net(**batch).loss
         loss.backward()  # DDP: the gradients are averaged over the processes here
+        if not first_grads:
+            first_grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses
+    return losses, first_grads
 
 
 def _worker(rank: int, world_size: int, port: int, kind: str, batches, lr: float, out_dir: str) -> None:
@@ -113,7 +120,9 @@ def _worker(rank: int, world_size: int, port: int, kind: str, batches, lr: float
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model = build_model(kind)
-        ddp = nn.parallel.DistributedDataParallel(model)
+        # DDP broadcasts rank 0's parameters and buffers once, here; broadcast_buffers=False stops it re-sending
+        # every buffer before each forward pass (an NF4 base keeps its codes in buffers: the whole model each step)
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         sent = []  # (numel, bytes) of every bucket this process all-reduces
 
         def record_and_allreduce(state, bucket):
@@ -126,12 +135,12 @@ def _worker(rank: int, world_size: int, port: int, kind: str, batches, lr: float
         share = len(batches[0]["labels"]) // world_size
         local = [{k: v[rank * share:(rank + 1) * share] for k, v in b.items()} for b in batches]
         start = time.perf_counter()
-        losses = _train(model, local, lr, sync=ddp)
+        losses, first_grads = _train(model, local, lr, sync=ddp)
         seconds = time.perf_counter() - start
         if rank == 0:
-            torch.save(_trainable_state(model), Path(out_dir) / "ddp_state.pt")
+            torch.save({"state": _trainable_state(model), "first_grads": first_grads}, Path(out_dir) / "ddp_state.pt")
             (Path(out_dir) / "ddp.json").write_text(json.dumps(
-                {"sent": sent, "losses_rank0": losses, "seconds": seconds}))
+                {"sent": sent, "losses_rank0": losses, "seconds": seconds, "local_batch": share}))
         dist.barrier()
         del ddp  # release DDP's reducer while the process group still exists (else exit can hang)
     finally:
@@ -150,9 +159,10 @@ def run_data_parallel(world_size: int = 2, steps: int = 8, batch_size: int = 16,
 
     Returns a dict: ``bytes_per_step`` all-reduced (measured by the hook) and what full
     fine-tuning would all-reduce (every parameter, fp32), ``trainable``/``total``
-    parameters, ``max_abs_diff`` between the data-parallel and the single-process
-    parameters after training, the largest parameter change (``max_update``) for scale,
-    both runs' losses and seconds.
+    parameters, the first step's averaged gradients against one process's on the whole batch
+    (``grad_max_abs_diff``, with ``grad_max_abs`` for scale), ``max_abs_diff`` between the
+    data-parallel and the single-process parameters after training, the largest parameter
+    change (``max_update``) for scale, each process's share of a batch, the losses and seconds.
     """
     if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}: choose one of {MODELS}")
@@ -172,12 +182,13 @@ def run_data_parallel(world_size: int = 2, steps: int = 8, batch_size: int = 16,
                 raise TimeoutError(f"the {world_size} processes did not finish in {timeout_s:.0f} s; they were "
                                    "stopped. Run `python -m lora_helpers.distributed --model tiny` to check the setup")
         wall = time.perf_counter() - start
-        ddp_state = torch.load(Path(out_dir) / "ddp_state.pt")
+        saved = torch.load(Path(out_dir) / "ddp_state.pt")
+        ddp_state, ddp_grads = saved["state"], saved["first_grads"]
         log = json.loads((Path(out_dir) / "ddp.json").read_text())
     model = build_model(kind)
     initial = _trainable_state(model)
     start = time.perf_counter()
-    losses = _train(model, batches, lr)
+    losses, grads = _train(model, batches, lr)
     single_seconds = time.perf_counter() - start
     single = _trainable_state(model)
     counts = count_parameters(model)
@@ -186,6 +197,9 @@ def run_data_parallel(world_size: int = 2, steps: int = 8, batch_size: int = 16,
             "model": kind, "trainable": counts.trainable, "total": counts.total,
             "bytes_per_step": sent_bytes / steps, "values_per_step": sum(n for n, _ in log["sent"]) / steps,
             "full_ft_bytes_per_step": counts.total * 4,
+            "local_batch": log["local_batch"],
+            "grad_max_abs_diff": max(float((ddp_grads[k] - grads[k]).abs().max()) for k in grads),
+            "grad_max_abs": max(float(grads[k].abs().max()) for k in grads),
             "max_abs_diff": max(float((ddp_state[k] - single[k]).abs().max()) for k in single),
             "max_update": max(float((single[k] - initial[k]).abs().max()) for k in single),
             "losses_ddp_rank0": log["losses_rank0"], "losses_single": losses,

@@ -8,7 +8,8 @@ Four parts make up the memory of a training step:
   ``exp_avg_sq``) per *trainable* parameter (plus a step counter per tensor);
 * **activations** - what the forward pass saves for the backward pass. They
   grow with batch size x sequence length and depend on which parameters
-  train, so they are **measured**, never given by formula here.
+  train, so they are **measured** (``measure_training_memory``); only the
+  on-paper table of notebook 07 estimates them (``activation_bytes``).
 
 LoRA shrinks the second and third parts to almost nothing (only ``A``, ``B``
 and the head train); the weights stay. This module gives
@@ -296,7 +297,6 @@ class PaperModel:
     n_layers: int
     d_model: int
     head_params: int = 0    # a new task head trained alongside LoRA (0 for a language model)
-    n_heads: int = 0        # attention heads (for the activation estimate; 0: not needed)
 
 
 PAPER_MODELS = {
@@ -304,11 +304,11 @@ PAPER_MODELS = {
     "distilbert": PaperModel("DistilBERT-base, 2-label head", 66_955_010, 6, 768,
                              head_params=768 * 768 + 768 + 768 * 2 + 2),
     # a LLaMA-2-7B-shaped decoder (32 layers, d_model 4096), no new head
-    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096, n_heads=32),
+    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096),
     # notebook 07's sizes: the published parameter counts of LLaMA-3.2-1B, LLaMA-2-13B and LLaMA-2-70B
-    "1b": PaperModel("1B decoder (LLaMA-3.2-1B shape)", 1_235_814_400, 16, 2048, n_heads=32),
-    "13b": PaperModel("13B decoder (LLaMA-2-13B shape)", 13_015_864_320, 40, 5120, n_heads=40),
-    "70b": PaperModel("70B decoder (LLaMA-2-70B shape)", 68_976_648_192, 80, 8192, n_heads=64),
+    "1b": PaperModel("1B decoder (LLaMA-3.2-1B shape)", 1_235_814_400, 16, 2048),
+    "13b": PaperModel("13B decoder (LLaMA-2-13B shape)", 13_015_864_320, 40, 5120),
+    "70b": PaperModel("70B decoder (LLaMA-2-70B shape)", 68_976_648_192, 80, 8192),
 }
 
 # name -> (description, formula keyword arguments)
@@ -374,7 +374,9 @@ def fits_table(models: Iterable[str] = ("1b", "7b", "13b", "70b"), r: int = 8, s
     and ``activation_bytes`` for ``batch`` x ``seq_len`` tokens. LoRA (rank ``r`` on W_q, W_v
     of every layer, ``lora_trainable_params``) counts W_v as d x d, which grouped-query models
     (1B, 70B) do not have: their LoRA share is slightly smaller. Embeddings are quantised
-    along with the rest (bitsandbytes keeps them in 16 bits: a few hundred MB more).
+    along with the rest (bitsandbytes keeps them in 16 bits: a few hundred MB more, 0.8 GiB
+    for 70B). LoRA and QLoRA get full fine-tuning's activations: an upper bound (frozen
+    layers need not keep their inputs; notebook 07 measures LoRA keeping fewer).
     """
     mixed = PRECISIONS["mixed"][1]
     rows = []

@@ -15,7 +15,8 @@ base weights are stored in 4 bits, with LoRA's ``A``, ``B`` in full precision:
   themselves quantised to 8 bits in blocks of 256 (0.5 -> 0.127 bits per weight);
 * ``NF4Linear``: a frozen ``nn.Linear`` whose weight lives as packed codes and is
   dequantised in ``forward``; its backward pass re-dequantises instead of keeping an
-  fp32 copy alive. It subclasses ``nn.Linear`` so that ``LoRALinear`` and
+  fp32 copy alive. It keeps one fp32 absmax per block (4.5 bits per weight): double
+  quantisation is shown and counted, not used by the layer. It subclasses ``nn.Linear`` so that ``LoRALinear`` and
   ``apply_lora`` wrap it without a change: LoRA never needs the base weight's gradient.
 
 Merging ``B A`` into an NF4 base is **refused** (``NF4Linear.weight`` cannot be
@@ -90,7 +91,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape, code_
     """The values that ``codes`` and ``absmax`` stand for, reshaped to ``shape``: ``code_book[code] * absmax``."""
     book = (nf4_code_book() if code_book is None else code_book).to(absmax.device, torch.float32)
     block_size = codes.numel() // absmax.numel()
-    values = book[codes.long()].view(-1, block_size) * absmax[:, None]
+    values = book[codes.int()].view(-1, block_size) * absmax[:, None]
     return values.reshape(-1)[:math.prod(shape)].view(shape).to(dtype)
 
 
@@ -177,6 +178,8 @@ class NF4Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  block_size: int = BLOCK_SIZE):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no fp32 weight to create
+        if block_size < 2 or block_size % 2:
+            raise ValueError(f"block_size must be an even number >= 2 (two 4-bit codes per byte), got {block_size}")
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
         n_blocks = math.ceil(in_features * out_features / block_size)
         self.register_buffer("packed", torch.zeros(n_blocks * block_size // 2, dtype=torch.uint8, device=device))
@@ -198,6 +201,21 @@ class NF4Linear(nn.Linear):
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach().float())
         return layer
+
+    def reset_parameters(self) -> None:
+        """Nothing to do: the weight is a quantised pretrained one, never re-initialised (nn.Linear would
+        re-draw the bias through a temporary weight)."""
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves everything; a dtype cast (``.half()``) reaches only the bias: the codes stay
+        uint8 and the scales and code book fp32, or NF4 would lose precision silently."""
+        kept = {name: self._buffers[name] for name in ("packed", "absmax", "code_book")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # undo the cast, keep the move
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The weight the codes stand for, ``(out_features, in_features)``."""

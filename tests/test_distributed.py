@@ -12,6 +12,11 @@ def test_two_processes_send_only_lora_and_head_gradients_and_match_one_process()
     assert out["values_per_step"] == trainable          # measured by the communication hook
     assert out["bytes_per_step"] == 4 * trainable        # fp32 gradients
     assert out["bytes_per_step"] < out["full_ft_bytes_per_step"] / 5
+    assert out["local_batch"] == 4                       # each process saw half of every global batch...
+    assert out["losses_ddp_rank0"] != out["losses_single"]  # ...so its loss is not the global batch's
+    # the averaged gradients are the whole batch's (a sum over processes would be 2x, one slice's would differ)
+    assert out["grad_max_abs"] > 1e-4
+    assert out["grad_max_abs_diff"] < 1e-4 * out["grad_max_abs"]
     assert out["max_update"] > 1e-4                      # training moved the parameters...
     assert out["max_abs_diff"] < 1e-3 * out["max_update"]  # ...and two processes moved them as one does
 

@@ -97,12 +97,19 @@ def _nf4_layer(seed=5, d_in=48, d_out=32):
     return nn.Linear(d_in, d_out)
 
 
+def _brute_force_nf4(W, block_size=64):
+    """NF4 by hand: pad, nearest published value by argmin per block, times the block's absmax."""
+    flat = torch.nn.functional.pad(W.detach().reshape(-1), (0, (-W.numel()) % block_size)).view(-1, block_size)
+    absmax = flat.abs().amax(1, keepdim=True)
+    nearest = (flat[..., None] / absmax[..., None] - torch.tensor(PUBLISHED_NF4)).abs().argmin(-1)
+    return (torch.tensor(PUBLISHED_NF4)[nearest] * absmax).reshape(-1)[:W.numel()].view_as(W)
+
+
 def test_nf4_linear_computes_with_the_dequantised_weight_and_stores_half_a_byte_per_weight():
     lin = _nf4_layer()
     q = NF4Linear.from_linear(lin)
     x = torch.randn(4, 48)
-    codes, absmax = quantize_blockwise(lin.weight)
-    W_hat = dequantize_blockwise(codes, absmax, lin.weight.shape)
+    W_hat = _brute_force_nf4(lin.weight)
     torch.testing.assert_close(q(x), x @ W_hat.T + lin.bias)
     assert q.packed.numel() == 48 * 32 // 2 and q.absmax.numel() == 48 * 32 // 64
     assert not any(p.requires_grad for p in q.parameters())
@@ -169,3 +176,32 @@ def test_quantize_model_then_apply_lora_and_state_dict_round_trip():
     torch.testing.assert_close(copy(x), out)
     with pytest.raises(TypeError, match="before apply_lora"):
         NF4Linear.from_linear(model.q_lin)
+
+
+def test_a_shape_that_does_not_fill_whole_blocks_round_trips_and_reloads():
+    torch.manual_seed(7)
+    lin = nn.Linear(37, 5)                      # 185 weights: 3 blocks of 64, the last one padded
+    q = NF4Linear.from_linear(lin)
+    assert q.absmax.numel() == 3 and q.packed.numel() == 96
+    torch.testing.assert_close(q.dequantized_weight(), _brute_force_nf4(lin.weight))
+    copy = NF4Linear(37, 5)
+    copy.load_state_dict(q.state_dict())
+    x = torch.randn(2, 37)
+    torch.testing.assert_close(copy(x), q(x), rtol=0, atol=0)
+    plain = q.dequantize()
+    assert type(plain) is nn.Linear and not plain.weight.requires_grad
+    torch.testing.assert_close(plain(x), q(x))
+
+
+def test_dtype_casts_keep_codes_and_scales_exact_and_bad_block_sizes_are_refused():
+    q = NF4Linear.from_linear(_nf4_layer())
+    absmax, packed = q.absmax.clone(), q.packed.clone()
+    q.half()
+    assert q.absmax.dtype == torch.float32 and q.code_book.dtype == torch.float32 and q.packed.dtype == torch.uint8
+    assert torch.equal(q.absmax, absmax) and torch.equal(q.packed, packed) and q.bias.dtype == torch.float16
+    bias = q.float().bias.clone()
+    q.reset_parameters()                        # a quantised pretrained layer is never re-initialised
+    assert torch.equal(q.bias, bias)
+    for bad in (0, 63):
+        with pytest.raises(ValueError, match="even"):
+            NF4Linear(8, 8, block_size=bad)
