@@ -325,7 +325,7 @@ def report(res: dict) -> str:
         lines.append(f"| {method} | {mem['trainable_params']:,} | {mem['peak_increase_mib']:.0f} MiB "
                      f"| {mem['grad_adam_state_mib']:.1f} MiB |")
     lines += ["", "Where a training step goes, at both widths (same batch; medians in ms; the floor: only activation "
-              "gradients flow through the blocks, no weight gradient; LoRA cannot go below it):", ""]
+              "gradients flow through the blocks, no weight gradient; LoRA cannot go much below it):", ""]
     for width, block in res["split"].items():
         sp, full, floor = block["phases"], block["phases"]["full"]["step"]["median"], block["phases"]["floor"]["step"]["median"]
         lines += [f"{width} wide: {block['description']}", "",
