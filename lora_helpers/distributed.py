@@ -6,7 +6,7 @@ average their gradients (an all-reduce) so that every copy takes the same step.
 DDP all-reduces only parameters with ``requires_grad=True``: with LoRA that is
 ``A``, ``B`` and the new head, about 1% of the bytes full fine-tuning would send
 every step here (mostly the head's). Besides, DDP broadcasts the model once when it
-wraps it; per-step buffer broadcasts are switched off (``broadcast_buffers=False``).
+wraps it; its per-step buffer broadcast is switched off.
 
 ``run_data_parallel`` shows it on CPU with the ``gloo`` backend: it tokenises a
 few global batches once, trains ``world_size`` processes on equal slices of them,
@@ -24,6 +24,7 @@ Introduced in notebook 07 (``07_bigger_models.ipynb``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import socket
@@ -114,15 +115,21 @@ def _train(model: nn.Module, batches, lr: float, sync=None) -> tuple[list[float]
     return losses, first_grads
 
 
+def _no_forward_buffer_sync() -> dict:
+    """DDP's switch for the per-step buffer broadcast: ``forward_sync_buffers`` in new torch, ``broadcast_buffers`` before."""
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
 def _worker(rank: int, world_size: int, port: int, kind: str, batches, lr: float, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # one core per process
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model = build_model(kind)
-        # DDP broadcasts rank 0's parameters and buffers once, here; broadcast_buffers=False stops it re-sending
+        # DDP broadcasts rank 0's parameters and buffers once, here; switching off the buffer sync stops it re-sending
         # every buffer before each forward pass (an NF4 base keeps its codes in buffers: the whole model each step)
-        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel(model, **_no_forward_buffer_sync())
         sent = []  # (numel, bytes) of every bucket this process all-reduces
 
         def record_and_allreduce(state, bucket):
