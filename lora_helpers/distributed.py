@@ -70,7 +70,7 @@ def build_model(kind: str = "standin", seed: int = 0, r: int = 8, lora_alpha: fl
     return model
 
 
-def make_batches(kind: str, steps: int, batch_size: int, max_length: int, seed: int = 0) -> list[dict]:
+def global_batches(kind: str, steps: int, batch_size: int, max_length: int, seed: int = 0) -> list[dict]:
     """``steps`` global batches: IMDb training reviews for the stand-in, random tokens for ``tiny``."""
     if kind == "tiny":
         g = torch.Generator().manual_seed(seed)
@@ -177,7 +177,7 @@ def run_data_parallel(world_size: int = 2, steps: int = 8, batch_size: int = 16,
         raise ValueError(f"need world_size >= 1 and steps >= 1, got {world_size} and {steps}")
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} must split evenly over {world_size} processes")
-    batches = make_batches(kind, steps, batch_size, max_length)
+    batches = global_batches(kind, steps, batch_size, max_length)
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
         procs = mp.start_processes(_worker, args=(world_size, _free_port(), kind, batches, lr, out_dir),

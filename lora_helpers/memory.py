@@ -44,6 +44,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .quant import bits_per_weight
+
 MiB, GiB = 2**20, 2**30
 
 # running averages an optimizer keeps per trainable parameter
@@ -362,7 +364,7 @@ def activation_bytes(n_layers: int, d_model: int, seq_len: int, batch: int = 1, 
     return n_layers * 2 * sbh + per_layer if checkpointing else n_layers * per_layer
 
 
-QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 with double quantisation (quant.bits_per_weight(double_quant=True))
+QLORA_BITS = bits_per_weight(double_quant=True)  # NF4 with double quantisation: 4.127 bits per weight (quant.py)
 
 
 def fits_table(models: Iterable[str] = ("1b", "7b", "13b", "70b"), r: int = 8, seq_len: int = 1024, batch: int = 1,
