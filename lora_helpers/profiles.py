@@ -3,10 +3,13 @@
 * ``smoke`` - CI and quick checks: the offline stand-in backbone, 1,000 training
   reviews of at most 64 tokens, one epoch (63 steps); a LoRA run takes about half
   a minute on 2 CPU cores.
-* ``cpu``   - a laptop: real DistilBERT where available, a few thousand reviews,
-  about ten minutes a run.
-* ``gpu``   - a Colab T4 class GPU: the full 25,000/25,000 splits, 512 tokens,
-  mixed precision, paper-like settings.
+* ``cpu``   - a laptop: real DistilBERT where available (else the stand-in), 2,000
+  reviews of 128 tokens, 125 steps; a LoRA run takes about 4 minutes on 2 cores
+  with the stand-in (``python -m lora_helpers estimate --profile cpu`` for others).
+* ``gpu``   - a Colab T4 class GPU: every training review and the whole test split,
+  256 tokens, one epoch, mixed precision; sized so that notebook 04 takes about
+  half an hour on a T4: estimated from FLOPs at an assumed 20% of the T4's peak
+  (``lora_helpers.estimate``), not yet measured on one.
 
 Chosen by argument, else the ``LORA_PROFILE`` environment variable, else the
 hardware (``gpu`` when CUDA is available, otherwise ``cpu``). Introduced in
@@ -69,12 +72,19 @@ PROFILES = {
     "smoke": Profile("smoke", backbone="minilm-standin", n_train=1000, n_val=200, n_test=500, max_length=64,
                      batch_size=16, epochs=1, eval_every=16, lr_full=1e-4, lr_lora=3e-3, lr_lora_all=1e-3,
                      lr_head=1e-3),
-    # cpu: a laptop. Its rates are not tuned yet: `python -m lora_helpers compare --profile cpu --seeds 3 --sweep`
-    # (about an hour and a half on 2 cores) chooses them on the validation split.
-    "cpu": Profile("cpu", backbone="auto", n_train=2000, n_val=400, n_test=1000, max_length=256, batch_size=16,
-                   epochs=1, eval_every=42, lr_lora=5e-4),
-    "gpu": Profile("gpu", backbone="auto", n_train=None, n_val=1000, n_test=None, max_length=512, batch_size=32,
-                   epochs=2, lr_lora=5e-4, lr_full=2e-5, eval_batch_size=128, eval_every=200),
+    # cpu: a laptop, 125 steps of 16 x 128 tokens. Rates chosen by `python -m lora_helpers compare --profile cpu
+    # --seeds 3 --sweep --out results/compare-cpu.json` (68 min on the 2-core CI machine, stand-in backbone): each
+    # the best validation accuracy of its method's sweep, the head's from the head-only sweep. Full fine-tuning's,
+    # LoRA's and lora-all's are each the largest rate its grid tried (so each may be slightly under-tuned).
+    "cpu": Profile("cpu", backbone="auto", n_train=2000, n_val=400, n_test=1000, max_length=128, batch_size=16,
+                   epochs=1, eval_every=42, lr_full=3e-4, lr_lora=3e-3, lr_lora_all=3e-3, lr_head=3e-3),
+    # gpu: a Colab T4. Sized so that notebook 04 (12 runs) takes about half an hour there, estimated (FLOPs at an
+    # assumed 20% of the T4's peak, not measured) by `python -m lora_helpers estimate --profile gpu --notebook 04`:
+    # every training review, 256 tokens, one epoch. Full size (512 tokens, 2 epochs, about 4x the compute) is a
+    # command line away: --max-length 512 --epochs 2. Its rates are not tuned (no GPU run yet): `compare --profile gpu
+    # --sweep` tunes them.
+    "gpu": Profile("gpu", backbone="auto", n_train=None, n_val=1000, n_test=None, max_length=256, batch_size=32,
+                   epochs=1, lr_lora=5e-4, lr_full=2e-5, eval_batch_size=128, eval_every=250),
 }
 
 
