@@ -13,6 +13,7 @@ module                introduced in
 ``data``              03_lora_distilbert_imdb (load_imdb)
 ``backbone``          03_lora_distilbert_imdb (load_backbone, the offline stand-in)
 ``profiles``          03_lora_distilbert_imdb (smoke / cpu / gpu)
+``estimate``          03_lora_distilbert_imdb (FLOPs and time of a run, before it runs)
 ``loop``              03_lora_distilbert_imdb (the training loop ``train``, evaluate, predict)
 ``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns
 ``methods``           04_lora_vs_full_finetuning (the method registry: full, lora, lora-all, head)

@@ -5,6 +5,7 @@
     python -m lora_helpers train --method lora --profile smoke --save-adapter runs/lora-smoke-adapter
     python -m lora_helpers train --method lora --profile smoke --n-train 200 --max-length 64
     python -m lora_helpers compare --profile smoke --seeds 3 --sweep
+    python -m lora_helpers estimate --profile gpu --max-length 512 --epochs 2   # before a long run
 
 ``train`` runs one method through ``runner.run`` (the runner of notebooks 03-05):
 train on the training split, validation scored as it goes, the test split once at
@@ -230,6 +231,22 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """FLOPs and estimated times of a ``compare`` command (or of a notebook), before running it."""
+    from .estimate import compare_plan, estimate_table, print_estimate
+
+    profile = profile_from_args(args, parser)
+    if args.notebook:
+        print_estimate(args.notebook, profile)
+        return 0
+    plan = compare_plan(args.methods, args.seeds, args.sweep)
+    print(profile.summary())
+    print(f"{sum(n for _, n, _ in plan)} training runs ({', '.join(f'{m} x{n}' for m, n, _ in plan)})"
+          + (" with the sweep" if args.sweep else ""))
+    print(estimate_table(profile, plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     prog = "lora-helpers" if Path(sys.argv[0]).name == "lora-helpers" else "python -m lora_helpers"
     parser = argparse.ArgumentParser(prog=prog, description="LoRA from scratch: run the series' experiments "
@@ -265,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_arguments(compare)
     compare.add_argument("--out", metavar="FILE", help="results JSON (default: runs/compare-<profile>.json)")
     compare.set_defaults(func=_cmd_compare)
+
+    estimate = sub.add_parser("estimate", help="FLOPs and estimated time of a comparison or a notebook, before running",
+                              description="Count the FLOPs of `compare` with the same options (or of a notebook's "
+                                          "runs) from the model's shape, and estimate the time on a T4, an A100 and "
+                                          "the 2-core CI CPU. Nothing is trained.")
+    estimate.add_argument("--methods", nargs="+", choices=list(METHODS), default=["full", "lora", "lora-all", "head"])
+    estimate.add_argument("--seeds", type=_int_at_least(1), default=3, metavar="N")
+    estimate.add_argument("--sweep", action="store_true", help="include compare's learning-rate sweep")
+    estimate.add_argument("--notebook", choices=["03", "04", "05", "07"], help="estimate a notebook's runs instead")
+    add_profile_arguments(estimate)
+    estimate.set_defaults(func=_cmd_estimate)
     return parser
 
 

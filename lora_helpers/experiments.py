@@ -89,11 +89,15 @@ def rank_for_budget(model: nn.Module, targets, budget: int) -> int:
 def study_profile(profile: Profile, **overrides) -> Profile:
     """The settings notebook 05's studies run with, derived from ``profile``.
 
-    About twenty runs share one notebook, so each must be short: ``smoke`` keeps its
-    sizes (64 tokens, 63 steps, about 45 s per LoRA run on the 2-core CI machine); ``cpu`` halves
-    the review length (128); ``gpu`` keeps all 25,000 training reviews but trains one
-    epoch at 256 tokens (twenty two-epoch runs at 512 tokens would outlast a Colab
-    session). Two settings hold for every profile:
+    About twenty runs share one notebook, so each must be short: ``smoke`` trains on 640
+    reviews instead of 1,000 (40 steps of 64 tokens, about 30 s per LoRA run on the 2-core CI
+    machine, so that the test suite stays under half an hour); ``cpu``
+    cuts reviews at 128 tokens at most; ``gpu`` trains on 12,000 reviews and tests on
+    10,000 (notebook 04: 24,000 and 25,000), one epoch at 256 tokens at most, so that
+    the notebook's twenty runs take about twenty minutes on a T4: an estimate, from
+    FLOPs at an assumed 20% of the T4's peak, not yet measured there
+    (``python -m lora_helpers estimate --profile gpu --notebook 05``).
+    Two settings hold for every profile:
 
     * ``lora_dropout=0``: the PiSSA run (section 5b) must start from the pretrained
       model, so dropout on its branch is off, and the zero-B runs it is compared with
@@ -105,10 +109,12 @@ def study_profile(profile: Profile, **overrides) -> Profile:
     change any field afterwards.
     """
     profile = profile.replace(lora_dropout=0.0, eval_every=None)
-    if profile.name == "cpu":
+    if profile.name == "smoke":
+        profile = profile.replace(n_train=640)
+    elif profile.name == "cpu":
         profile = profile.replace(max_length=min(profile.max_length, 128))
     elif profile.name == "gpu":
-        profile = profile.replace(max_length=min(profile.max_length, 256), epochs=1)
+        profile = profile.replace(max_length=min(profile.max_length, 256), epochs=1, n_train=12_000, n_test=10_000)
     return profile.replace(**overrides)
 
 

@@ -158,3 +158,15 @@ def test_the_real_command_prints_no_traceback_for_bad_input(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout, run.stderr
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "is a folder; a file name is needed" in errors[0], run.stderr
+
+
+def test_estimate_counts_the_compare_it_describes(capsys):
+    # the sweep adds len(grid) - 1 runs per method
+    from lora_helpers.compare import SWEEP_LRS
+
+    assert main(["estimate", "--profile", "gpu", "--methods", "lora", "full", "--seeds", "3", "--sweep"]) == 0
+    out = capsys.readouterr().out
+    runs = sum(len(SWEEP_LRS[m]) + 2 for m in ("lora", "full"))
+    assert f"{runs} training runs" in out and "NVIDIA T4" in out and "DistilBERT (768 wide)" in out
+    assert main(["estimate", "--profile", "gpu", "--notebook", "04"]) == 0
+    assert "This notebook trains 12 runs" in capsys.readouterr().out

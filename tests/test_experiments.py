@@ -68,13 +68,13 @@ def test_a_target_that_matches_nothing_is_an_error_naming_the_layers():
 
 def test_study_profile_scales_from_the_profile():
     smoke, gpu = get_profile("smoke"), get_profile("gpu")
-    assert study_profile(smoke).max_length == 64 and study_profile(smoke).n_train == smoke.n_train
-    study_gpu = study_profile(gpu)  # all the reviews, shorter and fewer passes
-    assert (study_gpu.n_train, study_gpu.n_test) == (gpu.n_train, gpu.n_test) and study_gpu.n_train is None
+    assert study_profile(smoke).max_length == 64 and study_profile(smoke).n_train == 640 < smoke.n_train
+    study_gpu = study_profile(gpu)  # twenty runs on a T4: fewer reviews, at most 256 tokens, one pass
+    assert (study_gpu.n_train, study_gpu.n_test) == (12_000, 10_000)
     assert (study_gpu.max_length, study_gpu.epochs) == (256, 1)
     # nothing else changed but the two settings every study shares: dropout off (PiSSA), one validation pass
-    assert study_gpu.replace(max_length=gpu.max_length, epochs=gpu.epochs, lora_dropout=gpu.lora_dropout,
-                             eval_every=gpu.eval_every) == gpu
+    assert study_gpu.replace(n_train=gpu.n_train, n_test=gpu.n_test, max_length=gpu.max_length, epochs=gpu.epochs,
+                             lora_dropout=gpu.lora_dropout, eval_every=gpu.eval_every) == gpu
     assert (study_gpu.lora_dropout, study_gpu.eval_every, study_profile(smoke).lora_dropout) == (0.0, None, 0.0)
     assert study_profile(smoke).lr_lora == smoke.lr_lora  # the rate tuned on validation (notebook 04's sweep)
     assert study_profile(smoke, n_train=10).n_train == 10

@@ -1,0 +1,240 @@
+"""How long will it take? A run's FLOPs from the model's shape, its time from a device's throughput.
+
+Almost all the work of a run is matrix products. For a DistilBERT-shaped encoder (``L`` blocks,
+width ``d``, feed-forward width ``f``) the forward pass over one review of ``s`` tokens costs,
+counting a multiply-add as 2 FLOPs,
+
+    per block  8 s d^2      products with the weights W_q, W_k, W_v, W_o
+             + 4 s d f      products with the two feed-forward weights
+             + 4 s^2 d      attention: Q K^T and the attention-weighted sum of V (no weights)
+    the head   2 d^2 + 2 d c  pre_classifier and classifier, on the [CLS] token only
+
+The backward pass computes, for every product, the gradient of its inputs (one forward's worth)
+and, for a weight that trains, the gradient of that weight (one more). So a training step costs
+
+* full fine-tuning: **3x** the forward pass;
+* LoRA: **2x** for the products with frozen weights (their input still passes the gradient back:
+  the floor of ``benchmarks/README.md``), **3x** for attention (both of its inputs depend on LoRA
+  factors below), plus the small branch (6 FLOPs per LoRA parameter and token);
+* the head alone: **1x** (nothing flows back into the backbone).
+
+Evaluation is forward passes only. A slightly high count for LoRA: the first block's frozen
+inputs need no gradient.
+
+Time is FLOPs divided by what a device sustains. A GPU: its published peak times an *assumed*
+utilisation (``GPU_UTILISATION``; eager PyTorch on a model this small reaches a fraction of the
+tensor cores' peak), not yet checked on a T4. The CPU: rates measured on the 2-core CI machine,
+per method (a LoRA step on a CPU is slower per FLOP than a full one). Good to about a factor of
+two for long runs; compare with the s/step that your first run prints.
+
+Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``); notebooks 03, 04, 05 and 07
+print their estimate before their long cells; ``python -m lora_helpers estimate`` prints it for
+any profile or command.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from transformers import DistilBertConfig
+
+from .methods import ALL_BLOCK_LINEARS, method_spec
+
+IMDB_SPLIT = 25_000  # reviews in each of IMDb's train and test splits (Maas et al. 2011)
+
+# The two backbones of the series, by shape only (no weights needed to count FLOPs).
+SHAPES = {
+    "distilbert-base-uncased": DistilBertConfig(),                                         # 768 wide, 66M parameters
+    "minilm-standin": DistilBertConfig(dim=384, hidden_dim=1536, n_layers=6, n_heads=12),  # the offline stand-in
+}
+LABELS = {"distilbert-base-uncased": "DistilBERT (768 wide)", "minilm-standin": "stand-in (384 wide)"}
+
+# Training step / forward pass: (products with weights, attention products); see the module docstring.
+TRAIN_MULTIPLIER = {"full": (3, 3), "lora": (2, 3), "head": (1, 1)}
+GPU_UTILISATION = 0.2  # assumed share of the published tensor-core peak (eager PyTorch, a 66M-parameter model)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device class and the FLOP rates it sustains (1e12 FLOP/s)."""
+    name: str
+    tflops: float                              # forward passes (evaluation), and training unless per_kind says
+    how: str                                   # where the numbers come from
+    per_kind: dict = field(default_factory=dict)  # training rate by method kind ("full", "lora", "head")
+
+    def train_tflops(self, kind: str) -> float:
+        return self.per_kind.get(kind, self.tflops)
+
+
+DEVICES = {
+    "T4": Device("NVIDIA T4 (Colab's free GPU)", 65 * GPU_UTILISATION,
+                 "65 TFLOPS fp16 tensor-core peak (NVIDIA T4 datasheet) x 20% assumed utilisation"),
+    "A100": Device("NVIDIA A100", 312 * GPU_UTILISATION,
+                   "312 TFLOPS bf16 dense peak (NVIDIA A100 datasheet) x 20% assumed utilisation"),
+    # Measured on the 2-core CI machine (torch, 2 threads, stand-in, 16 x 128 tokens): results/compare-cpu.json,
+    # each method's FLOPs per step (this module) over its median s/step; evaluation from the run's wall time
+    # less its training time. Recomputed by tests/test_estimate.py.
+    "ci-cpu": Device("the 2-core CI CPU (torch, 2 threads)", 0.109,
+                     "measured: results/compare-cpu.json (FLOPs of this module / seconds)",
+                     per_kind={"full": 0.084, "lora": 0.072, "head": 0.067}),
+}
+
+# What each notebook trains: (method, runs). Notebooks 05 and 07 run on experiments.study_profile(profile).
+NOTEBOOK_RUNS = {
+    "03": (("lora", 1), ("head", 1)),                                # the LoRA run and its B = 0 control
+    "04": (("full", 3), ("lora", 3), ("lora-all", 3), ("head", 3)),  # four methods x three seeds
+    "05": (("head", 3), ("lora", 17)),                               # the Section 7 studies
+    "07": (("lora", 4),),                                            # LoRA on an fp32 and an NF4 base, 2 seeds each
+}
+STUDY_NOTEBOOKS = ("05", "07")
+
+
+def _shape(profile):
+    """The stand-in's shape if the profile names it, else DistilBERT's (what ``auto`` loads when online)."""
+    return SHAPES["minilm-standin" if profile.backbone == "minilm-standin" else "distilbert-base-uncased"]
+
+
+def forward_parts(config, seq_len: int, num_labels: int = 2) -> tuple[int, int]:
+    """FLOPs of one forward pass over one sequence: (products with weights, attention products)."""
+    d, f, s = config.dim, config.hidden_dim, seq_len
+    weights = config.n_layers * (8 * s * d * d + 4 * s * d * f) + 2 * d * d + 2 * d * num_labels
+    attention = config.n_layers * 4 * s * s * d
+    return weights, attention
+
+
+def forward_flops(config, seq_len: int, num_labels: int = 2) -> int:
+    """FLOPs of one forward pass over one sequence of ``seq_len`` tokens (matrix products only)."""
+    return sum(forward_parts(config, seq_len, num_labels))
+
+
+def lora_params(config, targets, r: int) -> int:
+    """A and B of every wrapped matrix: r (d_in + d_out) each, in every block."""
+    shapes = {"q_lin": (config.dim, config.dim), "k_lin": (config.dim, config.dim), "v_lin": (config.dim, config.dim),
+              "out_lin": (config.dim, config.dim), "lin1": (config.dim, config.hidden_dim),
+              "lin2": (config.hidden_dim, config.dim)}
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"unknown target matrices {unknown}: choose from {list(ALL_BLOCK_LINEARS)}")
+    return config.n_layers * sum(r * sum(shapes[t]) for t in targets)
+
+
+def train_step_flops(config, method: str, profile) -> float:
+    """FLOPs of one training step of ``method`` on a batch of ``profile.batch_size`` x ``profile.max_length``."""
+    spec = method_spec(method, profile)
+    weights, attention = forward_parts(config, profile.max_length)
+    times_weights, times_attention = TRAIN_MULTIPLIER[spec.kind]
+    per_sequence = times_weights * weights + times_attention * attention
+    if spec.kind == "lora":  # the branch: 2 FLOPs per parameter and token forward, twice that backward
+        per_sequence += 6 * lora_params(config, spec.targets, spec.r) * profile.max_length
+    return profile.batch_size * per_sequence
+
+
+def run_flops(profile, method: str = "lora", config=None, test: bool = True) -> dict:
+    """Training and evaluation FLOPs of one run of ``method`` on ``profile`` (batches padded to ``max_length``)."""
+    config = config or _shape(profile)
+    n_train = IMDB_SPLIT - profile.n_val if profile.n_train is None else profile.n_train
+    n_test = IMDB_SPLIT if profile.n_test is None else profile.n_test
+    steps = profile.epochs * math.ceil(n_train / profile.batch_size)
+    if profile.eval_every:  # loop.train: every eval_every steps, and after the last
+        evals = len(range(profile.eval_every, steps, profile.eval_every)) + 1
+    else:                   # once per epoch
+        evals = profile.epochs
+    forward = forward_flops(config, profile.max_length)
+    train = steps * train_step_flops(config, method, profile)
+    evaluation = forward * (evals * profile.n_val + (n_test if test else 0))
+    return {"steps": steps, "evals": evals, "train": train, "eval": evaluation, "total": train + evaluation}
+
+
+def compare_plan(methods, seeds: int, sweep: bool) -> list:
+    """The runs of ``python -m lora_helpers compare``: ``(method, runs, of them tested)``. With ``sweep``, one run
+    per rate of ``compare.SWEEP_LRS`` at the first seed (the best one reused), then the other seeds."""
+    from .compare import SWEEP_LRS
+
+    return [(m, (len(SWEEP_LRS[m]) + seeds - 1) if sweep else seeds, seeds) for m in methods]
+
+
+def notebook_plan(notebook: str, profile) -> tuple:
+    """``(profile the notebook's runs use, [(method, runs, tested)])`` for notebook 03, 04, 05 or 07."""
+    if notebook not in NOTEBOOK_RUNS:
+        raise ValueError(f"no estimate for notebook {notebook!r}: choose one of {sorted(NOTEBOOK_RUNS)}")
+    if notebook in STUDY_NOTEBOOKS:
+        from .experiments import study_profile
+        profile = study_profile(profile)
+    return profile, [(m, n, n) for m, n in NOTEBOOK_RUNS[notebook]]
+
+
+def plan_cost(profile, runs, device: str, config=None) -> tuple[float, float]:
+    """``(FLOPs, estimated seconds on device)`` of ``runs`` (``(method, runs, tested)``) on ``profile``."""
+    dev = DEVICES[device]
+    flops = secs = 0.0
+    for method, n, tested in runs:
+        cost = run_flops(profile, method, config, test=False)
+        test = run_flops(profile, method, config)["eval"] - cost["eval"]
+        kind = method_spec(method, profile).kind
+        flops += n * cost["total"] + tested * test
+        secs += (n * cost["train"] / dev.train_tflops(kind) + (n * cost["eval"] + tested * test) / dev.tflops) / 1e12
+    return flops, secs
+
+
+def notebook_flops(notebook: str, profile, config=None) -> float:
+    """FLOPs of the training runs (and their evaluation) of a notebook on ``profile``."""
+    sized, runs = notebook_plan(notebook, profile)
+    return plan_cost(sized, runs, "T4", config)[0]
+
+
+def measured_rates(saved: dict) -> dict:
+    """Sustained TFLOPS of a machine, from a saved ``compare`` run (``results/compare-*.json``): per method kind the
+    median over runs of FLOPs per step / s per step, and for evaluation the evaluation FLOPs over the run's wall
+    time less its training time (so loading and bookkeeping count as evaluation: a slightly low rate)."""
+    from .profiles import Profile
+
+    profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["profile"].items()})
+    config = SHAPES["minilm-standin"] if saved["backbone"].startswith("minilm-standin") else _shape(profile)
+    rates, trained = {}, []
+    for method, runs in saved["runs"].items():
+        swept = saved["sweep"].get(method, [])
+        step = train_step_flops(config, method, profile)
+        rates.setdefault(method_spec(method, profile).kind, []).extend(step / r["s_per_step"] for r in swept + runs)
+        # every sweep run, then the seeds that the sweep's best run did not stand for
+        trained += [(r, False) for r in swept] + [(r, True) for r in runs[1 if swept else 0:]]
+        if swept:
+            trained.append((runs[0], "test only"))
+    forward = forward_flops(config, profile.max_length)
+    eval_flops = train_seconds = 0.0
+    for r, tested in trained:
+        if tested != "test only":
+            eval_flops += forward * len(r["val_curve"]) * saved["n_val"]
+            train_seconds += r["train_time_s"]
+        if tested:
+            eval_flops += forward * saved["n_test"]
+    return {"per_kind": {kind: statistics.median(r) / 1e12 for kind, r in rates.items()},
+            "eval": eval_flops / (saved["wall_time_s"] - train_seconds) / 1e12}
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def estimate_table(profile, runs) -> str:
+    """Compute (PFLOP) and estimated time per device (rows) and backbone shape (columns) of ``runs`` on ``profile``."""
+    lines = [f"{'':<38}" + "".join(f"{LABELS[n]:>24}" for n in SHAPES),
+             f"{'compute':<38}" + "".join(f"{plan_cost(profile, runs, 'T4', c)[0] / 1e15:>18.2f} PFLOP"
+                                         for c in SHAPES.values())]
+    for key, device in DEVICES.items():
+        lines.append(f"{device.name:<38}" + "".join(f"{_duration(plan_cost(profile, runs, key, c)[1]):>24}"
+                                                    for c in SHAPES.values()))
+    lines.append("How: FLOPs from the shapes (lora_helpers.estimate); a GPU at an assumed 20% of its published peak, "
+                 "the CPU at its\nmeasured rates. Good to a factor of about 2 for long runs; short ones (smoke) are "
+                 "dominated by per-step overheads\non a GPU.")
+    return "\n".join(lines)
+
+
+def print_estimate(notebook: str, profile) -> None:
+    """Print, before the long cells, what notebook ``notebook`` will train on ``profile`` and how long it may take."""
+    sized, runs = notebook_plan(notebook, profile)
+    steps = run_flops(sized, "lora")["steps"]
+    what = ", ".join(f"{m} x{n}" for m, n, _ in runs)
+    print(f"This notebook trains {sum(n for _, n, _ in runs)} runs ({what}) on the {profile.name!r} profile: "
+          f"{steps} steps of {sized.batch_size} x {sized.max_length} tokens each, plus their evaluation.")
+    print(estimate_table(sized, runs))

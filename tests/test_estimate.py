@@ -1,0 +1,102 @@
+"""estimate: FLOP counts against torch's own FLOP counter, step and evaluation counts against committed runs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+from lora_helpers import apply_lora, get_profile, mark_only_lora_trainable
+from lora_helpers.estimate import (DEVICES, SHAPES, compare_plan, forward_flops, lora_params, measured_rates,
+                                   notebook_flops, plan_cost, run_flops, train_step_flops)
+from lora_helpers.lora import freeze_all_except
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+TINY = DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100, max_position_embeddings=64,
+                        num_labels=2, attn_implementation="eager")  # eager: torch counts its attention products
+
+
+def counted(model, batch, backward: bool) -> int:
+    """FLOPs that torch.utils.flop_counter counts for a forward (and backward) pass."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(**batch)
+        if backward:
+            out.loss.backward()
+    return counter.get_total_flops()
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return DistilBertForSequenceClassification(TINY)
+
+
+def batch(b=3, s=10):
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1, 100, (b, s), generator=g), "attention_mask": torch.ones(b, s, dtype=torch.long),
+            "labels": torch.tensor([0, 1, 0][:b])}
+
+
+def test_forward_flops_equal_torch_flop_counter():
+    model = tiny().eval()
+    with torch.no_grad():
+        assert counted(model, batch(3, 10), backward=False) == 3 * forward_flops(TINY, 10)
+
+
+def test_full_training_step_is_three_forward_passes():
+    model = tiny().train()
+    assert counted(model, batch(3, 10), backward=True) == 3 * 3 * forward_flops(TINY, 10)
+
+
+def test_lora_and_head_only_steps_close_to_the_estimate():
+    profile = get_profile("smoke", batch_size=3, max_length=10)
+    lora = tiny()
+    apply_lora(lora, ("q_lin", "v_lin"), r=4, lora_alpha=8)
+    mark_only_lora_trainable(lora, extra_trainable=profile.head_modules)
+    n_lora = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert n_lora == lora_params(TINY, ("q_lin", "v_lin"), 4)
+    # 2x the weight products, 3x attention, + the branch; frozen layer-0 inputs need no gradient: a little less
+    estimate = train_step_flops(TINY, "lora", profile.replace(r=4))
+    measured = counted(lora, batch(3, 10), backward=True)
+    assert 0.85 * estimate <= measured <= estimate
+    head = tiny()
+    freeze_all_except(head, profile.head_modules)
+    measured = counted(head, batch(3, 10), backward=True)
+    assert 3 * forward_flops(TINY, 10) <= measured <= 1.05 * train_step_flops(TINY, "head", profile)
+
+
+def test_steps_and_evaluations_match_a_committed_run():
+    profile = get_profile("smoke")
+    committed = json.loads((RESULTS / "compare-smoke.json").read_text())
+    one = committed["runs"]["lora"][0]
+    cost = run_flops(profile, "lora")
+    assert cost["steps"] == one["train_steps"]
+    assert cost["evals"] == len(one["val_curve"])
+
+
+def test_the_standin_shape_is_the_standin():
+    from lora_helpers.backbone import load_backbone
+    config = load_backbone("minilm-standin", verbose=False)[0].config
+    shape = SHAPES["minilm-standin"]
+    assert (config.dim, config.hidden_dim, config.n_layers) == (shape.dim, shape.hidden_dim, shape.n_layers)
+
+
+def test_the_cpu_rates_are_the_committed_runs_rates():
+    committed = json.loads((RESULTS / "compare-cpu.json").read_text())
+    assert committed["backbone"].startswith("minilm-standin") and "2 cores" in committed["machine"]
+    measured = measured_rates(committed)
+    cpu = DEVICES["ci-cpu"]
+    for kind, rate in measured["per_kind"].items():
+        assert cpu.train_tflops(kind) == pytest.approx(rate, rel=0.05), kind
+    assert cpu.tflops == pytest.approx(measured["eval"], rel=0.05)
+    # and the estimate then reproduces the run's own wall time (loading and bookkeeping excepted)
+    profile = get_profile("cpu", backbone="minilm-standin")
+    plan = compare_plan(list(committed["runs"]), len(committed["seeds"]), sweep=True)
+    assert plan_cost(profile, plan, "ci-cpu")[1] == pytest.approx(committed["wall_time_s"], rel=0.1)
+
+
+def test_notebook_estimates_grow_with_the_profile_and_refuse_unknown_notebooks():
+    smoke, gpu = get_profile("smoke"), get_profile("gpu")
+    assert notebook_flops("04", gpu) > 100 * notebook_flops("04", smoke)
+    with pytest.raises(ValueError, match="no estimate for notebook"):
+        notebook_flops("02", smoke)
