@@ -80,7 +80,8 @@ DEVICES = {
                      per_kind={"full": 0.084, "lora": 0.072, "head": 0.067}),
 }
 
-# What each notebook trains: (method, runs). Notebooks 05 and 07 run on experiments.study_profile(profile).
+# What each notebook trains: (method, runs). Notebooks 05 and 07 run on experiments.study_profile(profile)
+# (07 with the profile's own training reviews).
 NOTEBOOK_RUNS = {
     "03": (("lora", 1), ("head", 1)),                                # the LoRA run and its B = 0 control
     "04": (("full", 3), ("lora", 3), ("lora-all", 3), ("head", 3)),  # four methods x three seeds
@@ -160,7 +161,8 @@ def notebook_plan(notebook: str, profile) -> tuple:
         raise ValueError(f"no estimate for notebook {notebook!r}: choose one of {sorted(NOTEBOOK_RUNS)}")
     if notebook in STUDY_NOTEBOOKS:
         from .experiments import study_profile
-        profile = study_profile(profile)
+        # notebook 07 keeps the profile's training reviews (its NF4 comparison needs runs that have learned)
+        profile = study_profile(profile, **({"n_train": profile.n_train} if notebook == "07" else {}))
     return profile, [(m, n, n) for m, n in NOTEBOOK_RUNS[notebook]]
 
 
