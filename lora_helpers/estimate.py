@@ -131,8 +131,9 @@ def train_step_flops(config, method: str, profile) -> float:
     return profile.batch_size * per_sequence
 
 
-def run_flops(profile, method: str = "lora", config=None, test: bool = True) -> dict:
-    """Training and evaluation FLOPs of one run of ``method`` on ``profile`` (batches padded to ``max_length``)."""
+def run_flops(profile, method: str = "lora", config=None) -> dict:
+    """FLOPs of one run of ``method`` on ``profile`` (batches padded to ``max_length``): ``train``, ``val`` (every
+    validation pass), ``test`` (the one test pass), ``total``; and its ``steps`` and validation passes ``evals``."""
     config = config or _shape(profile)
     n_train = IMDB_SPLIT - profile.n_val if profile.n_train is None else profile.n_train
     n_test = IMDB_SPLIT if profile.n_test is None else profile.n_test
@@ -142,9 +143,9 @@ def run_flops(profile, method: str = "lora", config=None, test: bool = True) -> 
     else:                   # once per epoch
         evals = profile.epochs
     forward = forward_flops(config, profile.max_length)
-    train = steps * train_step_flops(config, method, profile)
-    evaluation = forward * (evals * profile.n_val + (n_test if test else 0))
-    return {"steps": steps, "evals": evals, "train": train, "eval": evaluation, "total": train + evaluation}
+    cost = {"train": steps * train_step_flops(config, method, profile), "val": forward * evals * profile.n_val,
+            "test": forward * n_test}
+    return {"steps": steps, "evals": evals, **cost, "total": sum(cost.values())}
 
 
 def compare_plan(methods, seeds: int, sweep: bool) -> list:
@@ -171,11 +172,11 @@ def plan_cost(profile, runs, device: str, config=None) -> tuple[float, float]:
     dev = DEVICES[device]
     flops = secs = 0.0
     for method, n, tested in runs:
-        cost = run_flops(profile, method, config, test=False)
-        test = run_flops(profile, method, config)["eval"] - cost["eval"]
+        cost = run_flops(profile, method, config)
         kind = method_spec(method, profile).kind
-        flops += n * cost["total"] + tested * test
-        secs += (n * cost["train"] / dev.train_tflops(kind) + (n * cost["eval"] + tested * test) / dev.tflops) / 1e12
+        flops += n * (cost["train"] + cost["val"]) + tested * cost["test"]
+        evaluation = n * cost["val"] + tested * cost["test"]
+        secs += (n * cost["train"] / dev.train_tflops(kind) + evaluation / dev.tflops) / 1e12
     return flops, secs
 
 
@@ -193,23 +194,16 @@ def measured_rates(saved: dict) -> dict:
 
     profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["profile"].items()})
     config = SHAPES["minilm-standin"] if saved["backbone"].startswith("minilm-standin") else _shape(profile)
-    rates, trained = {}, []
+    forward = forward_flops(config, profile.max_length)
+    rates, eval_flops, train_seconds = {}, 0.0, 0.0
     for method, runs in saved["runs"].items():
         swept = saved["sweep"].get(method, [])
         step = train_step_flops(config, method, profile)
         rates.setdefault(method_spec(method, profile).kind, []).extend(step / r["s_per_step"] for r in swept + runs)
-        # every sweep run, then the seeds that the sweep's best run did not stand for
-        trained += [(r, False) for r in swept] + [(r, True) for r in runs[1 if swept else 0:]]
-        if swept:
-            trained.append((runs[0], "test only"))
-    forward = forward_flops(config, profile.max_length)
-    eval_flops = train_seconds = 0.0
-    for r, tested in trained:
-        if tested != "test only":
-            eval_flops += forward * len(r["val_curve"]) * saved["n_val"]
-            train_seconds += r["train_time_s"]
-        if tested:
-            eval_flops += forward * saved["n_test"]
+        trained = swept + (runs[1:] if swept else runs)  # the sweep's best run is also the first seed's run
+        train_seconds += sum(r["train_time_s"] for r in trained)
+        val_passes = sum(len(r["val_curve"]) for r in trained)
+        eval_flops += forward * (val_passes * saved["n_val"] + len(runs) * saved["n_test"])
     return {"per_kind": {kind: statistics.median(r) / 1e12 for kind, r in rates.items()},
             "eval": eval_flops / (saved["wall_time_s"] - train_seconds) / 1e12}
 
