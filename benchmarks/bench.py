@@ -138,7 +138,7 @@ def memory_child(backbone: str, method: str, batch: dict, steps: int) -> dict:
     torch.set_num_threads(THREADS)
     torch.nn.Linear(8, 8)(torch.randn(2, 8)).sum().backward()  # one-time autograd set-up, not billed to the method
     model, _, _ = load_backbone(backbone, seed=0, verbose=False)
-    lr = prepared(model, method, get_profile("smoke", backbone=backbone))
+    lr = prepared(model, method, get_profile("quick", backbone=backbone))
     step, batch = trainer(model, lr), {k: torch.tensor(v) for k, v in batch.items()}
     before = rss_now_mib()
     with PeakMemory("cpu") as peak:
@@ -153,7 +153,7 @@ def memory_child(backbone: str, method: str, batch: dict, steps: int) -> dict:
 
 def bench_training(base, batch, cfg, backbone) -> tuple[dict, dict]:
     """Step time of full / LoRA / head in this process; peak memory of each in a fresh subprocess."""
-    profile = get_profile("smoke", backbone=backbone)
+    profile = get_profile("quick", backbone=backbone)
     steps = {}
     for method in TRAIN_METHODS:
         model = copy.deepcopy(base)
@@ -219,7 +219,7 @@ def bench_peft(base, batch, cfg) -> dict:
     n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert n_ours == n_theirs, (n_ours, n_theirs)
-    lr = get_profile("smoke").lr_lora
+    lr = get_profile("quick").lr_lora
     steps = {"ours (LoRALinear)": trainer(ours, lr), "PEFT": trainer(theirs, lr)}
     times = interleaved({k: functools.partial(s, batch) for k, s in steps.items()},
                         cfg["train_repeats"], cfg["warmup"])
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     res["train_step"], res["memory"] = bench_training(base, batch, cfg, args.backbone)
     res["inference"], res["merged_vs_unmerged_max_diff"] = bench_inference(base, batch, cfg)
     res["peft"] = bench_peft(base, batch, cfg)
-    profile = get_profile("smoke")
+    profile = get_profile("quick")
     res["split"] = {}
     for width, (model, about) in width_models(base, description).items():
         print(f"phase split at {width} wide ...", flush=True)

@@ -12,7 +12,7 @@ module                introduced in
 ``adapters``          02_lora_linear_from_scratch
 ``data``              03_lora_distilbert_imdb (load_imdb)
 ``backbone``          03_lora_distilbert_imdb (load_backbone, the offline stand-in)
-``profiles``          03_lora_distilbert_imdb (smoke / cpu / gpu)
+``profiles``          03_lora_distilbert_imdb (quick / cpu / gpu)
 ``estimate``          03_lora_distilbert_imdb (FLOPs and time of a run, before it runs)
 ``loop``              03_lora_distilbert_imdb (the training loop ``train``, evaluate, predict)
 ``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns

@@ -1,10 +1,10 @@
 """Command line: train and evaluate one fine-tuning method without a notebook.
 
-    python -m lora_helpers train --method lora --profile smoke
+    python -m lora_helpers train --method lora --profile quick
     python -m lora_helpers train --method head --profile cpu --out runs/head.json
-    python -m lora_helpers train --method lora --profile smoke --save-adapter runs/lora-smoke-adapter
-    python -m lora_helpers train --method lora --profile smoke --n-train 200 --max-length 64
-    python -m lora_helpers compare --profile smoke --seeds 3 --sweep
+    python -m lora_helpers train --method lora --profile quick --save-adapter runs/lora-quick-adapter
+    python -m lora_helpers train --method lora --profile quick --n-train 200 --max-length 64
+    python -m lora_helpers compare --profile quick --seeds 3 --sweep
     python -m lora_helpers estimate --profile gpu --max-length 512 --epochs 2   # before a long run
 
 ``train`` runs one method through ``runner.run`` (the runner of notebooks 03-05):

@@ -89,7 +89,7 @@ def rank_for_budget(model: nn.Module, targets, budget: int) -> int:
 def study_profile(profile: Profile, **overrides) -> Profile:
     """The settings notebook 05's studies run with, derived from ``profile``.
 
-    About twenty runs share one notebook, so each must be short: ``smoke`` trains on 640
+    About twenty runs share one notebook, so each must be short: ``quick`` trains on 640
     reviews instead of 1,000 (40 steps of 64 tokens, about 30 s per LoRA run on the 2-core CI
     machine, so that the test suite stays under half an hour); ``cpu``
     cuts reviews at 128 tokens at most; ``gpu`` trains on 12,000 reviews and tests on
@@ -109,7 +109,7 @@ def study_profile(profile: Profile, **overrides) -> Profile:
     change any field afterwards.
     """
     profile = profile.replace(lora_dropout=0.0, eval_every=None)
-    if profile.name == "smoke":
+    if profile.name == "quick":
         profile = profile.replace(n_train=640)
     elif profile.name == "cpu":
         profile = profile.replace(max_length=min(profile.max_length, 128))

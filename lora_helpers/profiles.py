@@ -1,6 +1,6 @@
 """Run profiles: every size-dependent setting of the DistilBERT/IMDb runs, in one place.
 
-* ``smoke`` - CI and quick checks: the offline stand-in backbone, 1,000 training
+* ``quick`` - CI and quick checks: the offline stand-in backbone, 1,000 training
   reviews of at most 64 tokens, one epoch (63 steps); a LoRA run takes about half
   a minute on 2 CPU cores.
 * ``cpu``   - a laptop: real DistilBERT where available (else the stand-in), 2,000
@@ -66,10 +66,10 @@ class Profile:
 
 PROFILES = {
     # smoke: 63 steps of 16 reviews cut at 64 tokens, so that notebook 04's 12 runs (4 methods x 3 seeds)
-    # fit in CI. Rates chosen by `python -m lora_helpers compare --profile smoke --seeds 3 --sweep`
-    # (results/compare-smoke.json): each the best validation accuracy of its method's sweep, the head's
+    # fit in CI. Rates chosen by `python -m lora_helpers compare --profile quick --seeds 3 --sweep`
+    # (results/compare-quick.json): each the best validation accuracy of its method's sweep, the head's
     # from the head-only sweep. LoRA's 3e-3 is the largest rate its grid tried.
-    "smoke": Profile("smoke", backbone="minilm-standin", n_train=1000, n_val=200, n_test=500, max_length=64,
+    "quick": Profile("quick", backbone="minilm-standin", n_train=1000, n_val=200, n_test=500, max_length=64,
                      batch_size=16, epochs=1, eval_every=16, lr_full=1e-4, lr_lora=3e-3, lr_lora_all=1e-3,
                      lr_head=1e-3),
     # cpu: a laptop, 125 steps of 16 x 128 tokens. Rates chosen by `python -m lora_helpers compare --profile cpu

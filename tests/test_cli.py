@@ -24,7 +24,7 @@ def cli(*args, cwd):
 
 
 def test_train_writes_metrics_and_adapter(tmp_path):
-    run = cli("train", "--method", "lora", "--profile", "smoke", *TINY, "--out", str(tmp_path / "m.json"),
+    run = cli("train", "--method", "lora", "--profile", "quick", *TINY, "--out", str(tmp_path / "m.json"),
               "--save-adapter", str(tmp_path / "adapter"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     m = json.loads((tmp_path / "m.json").read_text())
@@ -32,7 +32,7 @@ def test_train_writes_metrics_and_adapter(tmp_path):
     assert {"test_accuracy", "confusion", "trainable_percent", "train_steps", "s_per_step"} <= set(m)
     assert {"method", "profile", "backbone", "device", "lr", "head_lr", "val_accuracy", "val_curve"} <= set(m)
     assert m["val_curve"][-1]["step"] == 2 and 0 <= m["val_accuracy"] <= 1
-    assert (m["method"], m["profile"], m["lora_layers"], m["train_steps"]) == ("lora", "smoke", 12, 2)  # 32 / 16
+    assert (m["method"], m["profile"], m["lora_layers"], m["train_steps"]) == ("lora", "quick", 12, 2)  # 32 / 16
     assert m["backbone"].startswith("minilm-standin")
     assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0 and m["train_time_s"] > 0
     assert sum(map(sum, m["confusion"])) == 32
@@ -46,7 +46,7 @@ def test_train_writes_metrics_and_adapter(tmp_path):
 
 
 def test_bad_method_fails_with_a_message(tmp_path):
-    run = cli("train", "--method", "qlora", "--profile", "smoke", cwd=tmp_path)
+    run = cli("train", "--method", "qlora", "--profile", "quick", cwd=tmp_path)
     assert run.returncode == 2
     assert "invalid choice: 'qlora'" in run.stderr and "lora-all" in run.stderr
 
@@ -67,11 +67,11 @@ def test_bad_arguments(args, message, capsys):
 
 
 def test_profile_overrides(monkeypatch):
-    monkeypatch.setenv("LORA_PROFILE", "smoke")
+    monkeypatch.setenv("LORA_PROFILE", "quick")
     parser = build_parser()
     profile = profile_from_args(parser.parse_args(["train", "--n-train", "all", "--epochs", "2", "--seed", "3"]),
                                 parser)
-    assert (profile.name, profile.n_train, profile.epochs, profile.seed) == ("smoke", None, 2, 3)
+    assert (profile.name, profile.n_train, profile.epochs, profile.seed) == ("quick", None, 2, 3)
     assert profile.n_test == 500 and profile.max_length == 64  # not given: the profile's own
     args = parser.parse_args(["train", "--profile", "cpu", "--max-length", "64"])
     assert (args.method, profile_from_args(args, parser).max_length) == ("lora", 64)
@@ -122,7 +122,7 @@ def assert_one_clear_error(code, out, err, message):
 
 @pytest.mark.parametrize("argv, message", REFUSED_BEFORE_ANY_WORK)
 def test_bad_command_lines_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LORA_PROFILE", "smoke")
+    monkeypatch.setenv("LORA_PROFILE", "quick")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "adir").mkdir()
@@ -143,7 +143,7 @@ def test_bad_command_lines_are_refused_before_any_work(argv, message, tmp_path, 
     (["train", "--n-train", "100000"], {}, "reviews, but the train split has"),
 ])
 def test_bad_input_found_while_loading_is_one_error_line(argv, env, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LORA_PROFILE", "smoke")
+    monkeypatch.setenv("LORA_PROFILE", "quick")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)

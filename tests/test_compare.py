@@ -12,7 +12,7 @@ from lora_helpers.compare import (low_rank_report, method_costs, plot_accuracy, 
                                   plot_sweep, plot_update_spectra, plot_val_curves)
 
 def test_method_costs_from_the_shapes():
-    costs = method_costs(get_profile("smoke"), ("full", "lora", "head"))
+    costs = method_costs(get_profile("quick"), ("full", "lora", "head"))
     n = {m: c["trainable_params"] for m, c in costs.items()}
     head = 384 * 384 + 384 + 384 * 2 + 2
     assert n["head"] == head and n["lora"] == 12 * 8 * (384 + 384) + head
@@ -78,7 +78,7 @@ def test_low_rank_report_on_a_known_case():
 def test_cli_has_a_compare_subcommand():
     from lora_helpers.__main__ import build_parser
 
-    args = build_parser().parse_args(["compare", "--profile", "smoke", "--methods", "full", "lora", "--out", "x.json"])
+    args = build_parser().parse_args(["compare", "--profile", "quick", "--methods", "full", "lora", "--out", "x.json"])
     assert args.func.__name__ == "_cmd_compare" and args.methods == ["full", "lora"] and args.out == "x.json"
     args = build_parser().parse_args(["compare"])
     assert args.methods == ["full", "lora", "lora-all", "head"] and args.seeds == 3 and not args.sweep

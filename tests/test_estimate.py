@@ -49,7 +49,7 @@ def test_full_training_step_is_three_forward_passes():
 
 
 def test_lora_and_head_only_steps_close_to_the_estimate():
-    profile = get_profile("smoke", batch_size=3, max_length=10)
+    profile = get_profile("quick", batch_size=3, max_length=10)
     lora = tiny()
     apply_lora(lora, ("q_lin", "v_lin"), r=4, lora_alpha=8)
     mark_only_lora_trainable(lora, extra_trainable=profile.head_modules)
@@ -66,8 +66,8 @@ def test_lora_and_head_only_steps_close_to_the_estimate():
 
 
 def test_steps_and_evaluations_match_a_committed_run():
-    profile = get_profile("smoke")
-    committed = json.loads((RESULTS / "compare-smoke.json").read_text())
+    profile = get_profile("quick")
+    committed = json.loads((RESULTS / "compare-quick.json").read_text())
     one = committed["runs"]["lora"][0]
     cost = run_flops(profile, "lora")
     assert cost["steps"] == one["train_steps"]
@@ -96,7 +96,7 @@ def test_the_cpu_rates_are_the_committed_runs_rates():
 
 
 def test_notebook_estimates_grow_with_the_profile_and_refuse_unknown_notebooks():
-    smoke, gpu = get_profile("smoke"), get_profile("gpu")
+    smoke, gpu = get_profile("quick"), get_profile("gpu")
     assert notebook_flops("04", gpu) > 100 * notebook_flops("04", smoke)
     with pytest.raises(ValueError, match="no estimate for notebook"):
         notebook_flops("02", smoke)

@@ -67,7 +67,7 @@ def test_a_target_that_matches_nothing_is_an_error_naming_the_layers():
 
 
 def test_study_profile_scales_from_the_profile():
-    smoke, gpu = get_profile("smoke"), get_profile("gpu")
+    smoke, gpu = get_profile("quick"), get_profile("gpu")
     assert study_profile(smoke).max_length == 64 and study_profile(smoke).n_train == 640 < smoke.n_train
     study_gpu = study_profile(gpu)  # twenty runs on a T4: fewer reviews, at most 256 tokens, one pass
     assert (study_gpu.n_train, study_gpu.n_test) == (12_000, 10_000)

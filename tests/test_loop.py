@@ -18,7 +18,7 @@ from lora_helpers.data import load_imdb
 from lora_helpers.loop import encode, evaluate, make_batches, predict, train
 from lora_helpers.methods import ALL_BLOCK_LINEARS, METHODS, MethodSpec, method_spec, param_groups, prepare_method
 
-SMOKE = PROFILES["smoke"]
+SMOKE = PROFILES["quick"]
 MAX_LENGTH = 32
 
 
@@ -274,10 +274,10 @@ def test_adapter_round_trip_on_the_distilbert_classifier(tmp_path, imdb):
 def test_get_profile_env_overrides_and_errors(monkeypatch):
     monkeypatch.setenv("LORA_PROFILE", "cpu")
     assert get_profile().name == "cpu"
-    assert get_profile("smoke").name == "smoke"  # an argument beats the variable
-    small = get_profile("smoke", n_train=10, max_length=32)
+    assert get_profile("quick").name == "quick"  # an argument beats the variable
+    small = get_profile("quick", n_train=10, max_length=32)
     assert (small.n_train, small.max_length, small.n_test) == (10, 32, SMOKE.n_test)
-    assert PROFILES["smoke"].n_train == 1000  # the registry is untouched
+    assert PROFILES["quick"].n_train == 1000  # the registry is untouched
     with pytest.raises(ValueError, match="unknown profile 'tiny'"):
         get_profile("tiny")
     monkeypatch.setenv("LORA_PROFILE", "nope")
@@ -289,7 +289,7 @@ def test_get_profile_env_overrides_and_errors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert get_profile().name == "gpu"
     with pytest.raises(TypeError):
-        get_profile("smoke", no_such_field=1)
+        get_profile("quick", no_such_field=1)
 
 
 # ------------------------------------------------------------------ robustness (issue 14)

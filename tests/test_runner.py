@@ -49,7 +49,7 @@ def tiny_data(n_train=32, n_val=16, n_test=16, length=10, seed=0) -> TokenizedDa
 
 @pytest.fixture
 def profile():
-    return get_profile("smoke", lr_lora=5e-3, lr_full=1e-3, lr_head=5e-3, epochs=2, eval_every=3)
+    return get_profile("quick", lr_lora=5e-3, lr_full=1e-3, lr_head=5e-3, epochs=2, eval_every=3)
 
 
 # ------------------------------------------------------------------ splits

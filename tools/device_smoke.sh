@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run notebooks top to bottom on the GPU in the `smoke` profile, headless, and report
+# Run notebooks top to bottom on the GPU in the `quick` profile, headless, and report
 # pass/fail and the time of each: the check for device bugs (a CUDA tensor meeting a CPU
 # one) that never show on a CPU. Executed copies go to a scratch folder; the committed
 # notebooks are not touched (their outputs are the CPU run that nbval compares against).
@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/device_smoke}"
 mkdir -p "$out"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LORA_PROFILE=smoke TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LORA_PROFILE=quick TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
 device=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
 if [ "$device" = "cpu" ]; then
   echo "warning: no CUDA device here; the notebooks run on the CPU (this only tests the script)" >&2

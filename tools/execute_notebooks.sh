@@ -6,7 +6,7 @@
 #   bash tools/execute_notebooks.sh notebooks/02_*.ipynb
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LORA_PROFILE=smoke TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false LORA_NUM_THREADS=2
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LORA_PROFILE=quick TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false LORA_NUM_THREADS=2
 notebooks=("$@")
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(notebooks/[0-9][0-9]_*.ipynb)
 for nb in "${notebooks[@]}"; do
