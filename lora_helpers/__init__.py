@@ -9,11 +9,12 @@ module                introduced in
 ``utils``             01 (set_seed, versions); 03 (get_device)
 ``svd``               01_svd_low_rank_intuition
 ``lora``              02_lora_linear_from_scratch
-``adapters``          02_lora_linear_from_scratch
+``adapters``          03_lora_distilbert_imdb (save_adapter, load_adapter)
 ``data``              03_lora_distilbert_imdb (load_imdb)
-``backbone``          03_lora_distilbert_imdb (load_backbone, the offline stand-in)
+``backbone``          03_lora_distilbert_imdb (load_backbone, the offline stand-in); 01 (a pretrained W)
 ``profiles``          03_lora_distilbert_imdb (quick / cpu / gpu)
-``estimate``          03_lora_distilbert_imdb (FLOPs and time of a run, before it runs)
+``banner``            03_lora_distilbert_imdb (what a notebook runs, its time on this machine)
+``estimate``          the command line (FLOPs and time of a run on a T4, an A100 or a CPU)
 ``loop``              03_lora_distilbert_imdb (the training loop ``train``, evaluate, predict)
 ``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns
 ``methods``           04_lora_vs_full_finetuning (the method registry: full, lora, lora-all, head)
@@ -30,6 +31,8 @@ from .adapters import load_adapter, lora_state_dict, read_adapter, save_adapter
 from .lora import (LoRALinear, ParamCount, apply_lora, count_parameters, freeze_all_except, linear_names,
                    lora_layers, mark_only_lora_trainable, merge_and_unload, merge_lora, unmerge_lora)
 from .backbone import BACKBONES, load_backbone
+from .banner import print_banner
+from .compare import committed_run
 from .data import load_imdb
 from .profiles import PROFILES, Profile, get_profile
 from .svd import energy_captured, low_rank_approx, plot_singular_values, truncated_svd

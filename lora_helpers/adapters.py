@@ -8,7 +8,7 @@ An adapter on disk is a folder with two files:
   ``lora_alpha``, dropout, the wrapped layer names, the extra modules and the
   base model's name.
 
-Introduced in notebook 02 (``02_lora_linear_from_scratch.ipynb``); notebook 06
+Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``); notebook 06
 converts these adapters to and from PEFT's format.
 """
 from __future__ import annotations

@@ -257,3 +257,22 @@ def load_backbone(name="auto", num_labels=2, seed=0, verbose=True):
         print(f"backbone: {description}")
         print(f"  new classification head ({num_labels} labels), initialised with seed {seed}")
     return model, tokenizer, description
+
+
+def load_pretrained_weight(kind: str = "query", layer: int = 0) -> tuple[torch.Tensor, str]:
+    """``(W, source)``: the pretrained attention weight ``kind`` ("query" or "value") of block ``layer``.
+
+    The backbone ``load_backbone("auto")`` picks (DistilBERT's 768 x 768 ``q_lin``/``v_lin`` when it
+    can be had, else the offline stand-in's 384 x 384 ones, converted exactly from all-MiniLM-L6-v2).
+    Notebook 01 (``01_svd_low_rank_intuition.ipynb``) looks at its singular values.
+    """
+    names = {"query": "q_lin", "value": "v_lin"}
+    if kind not in names:
+        raise ValueError(f"kind must be 'query' or 'value', got {kind!r}")
+    model, _, _ = load_backbone("auto", verbose=False)
+    if not 0 <= layer < model.config.n_layers:
+        raise ValueError(f"layer must be 0 .. {model.config.n_layers - 1}, got {layer!r}")
+    weight = getattr(model.distilbert.transformer.layer[layer].attention, names[kind]).weight.detach().clone()
+    name = model.config.name_or_path
+    source = f"{name} (all-MiniLM-L6-v2 in DistilBERT's layout)" if name == STANDIN else name
+    return weight, f"{source}, layer {layer} {names[kind]}"

@@ -14,12 +14,17 @@
 * ``low_rank_report`` / ``plot_update_spectra`` / ``plot_low_rank_report``: is the full
   fine-tuning update dW low rank, and does LoRA's B A point the same way (paper Section 7)?
 
+* ``committed_run``: a comparison run with the package (``lora_helpers/results/*.json``), read
+  from wherever the package is installed, so a notebook opened on its own can show it.
+
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``); also
 ``python -m lora_helpers compare``.
 """
 from __future__ import annotations
 
 import copy
+import importlib.resources
+import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +41,25 @@ from .lora import count_parameters
 from .methods import method_spec, prepare_method
 from .runner import best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
 from .utils import get_device
+
+def committed_runs() -> list[str]:
+    """Names of the comparison runs shipped with the package (``committed_run`` reads them)."""
+    folder = importlib.resources.files("lora_helpers") / "results"
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".json"))
+
+
+def committed_run(name: str) -> dict:
+    """The saved ``python -m lora_helpers compare`` run ``name`` (e.g. ``"compare-cpu"``), shipped with the package.
+
+    Its keys are those ``compare_methods`` returns, with ``command``, ``machine`` and ``wall_time_s`` of the run.
+    """
+    known = committed_runs()
+    if name not in known:
+        raise FileNotFoundError(f"no committed run named {name!r} in this installation of lora_helpers: choose one "
+                                f"of {known}, or reinstall the package (pip install lora_helpers from the repository)")
+    text = (importlib.resources.files("lora_helpers") / "results" / f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
 
 CHECKPOINT_WHAT = {"full": "whole model state", "lora": "LoRA A, B + head", "head": "head only"}
 
@@ -245,21 +269,35 @@ def _runs_json(results: dict, key: str) -> dict:
     return {m: [r if isinstance(r, dict) else r.metrics() for r in rs] for m, rs in runs.items()}
 
 
+# One colour per method in every figure (sweep, curves, bars), so a method is recognised at a glance.
+METHOD_COLORS = {"full": "tab:blue", "lora": "tab:orange", "lora-all": "tab:green", "head": "tab:red"}
+
+
+def _color(method: str, i: int):
+    return METHOD_COLORS.get(method, plt.cm.tab10(4 + i % 6))
+
+
+def _percent(p: float) -> str:
+    """100 -> "100%", 2.08 -> "2.1%", 0.976 -> "0.98%" (not "1e+02%")."""
+    return f"{p:.0f}%" if p >= 10 else f"{p:.2g}%"
+
+
 def plot_sweep(results: dict, ax=None):
     """Validation accuracy against the method's own learning rate (log axis), one line per method."""
     sweep = _runs_json(results, "sweep")
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    for method, rs in sweep.items():
+    for i, (method, rs) in enumerate(sweep.items()):
         xs = [r["lr"] for r in rs]
         ys = [r["val_accuracy"] for r in rs]
-        line, = ax.plot(xs, ys, "o-", label=method)
+        ax.plot(xs, ys, "o-", label=method, color=_color(method, i))
         best = max(range(len(rs)), key=lambda i: (ys[i], -rs[i]["val_loss"]))
-        ax.plot(xs[best], ys[best], "*", ms=14, color=line.get_color())
-    ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
-    ax.set(xscale="log", xlabel="learning rate of the method's own parameters (head: its rate)",
-           ylabel="validation accuracy", title="Learning-rate sweep on the validation split (star: chosen)")
-    ax.legend(fontsize=8)
+        ax.plot(xs[best], ys[best], "*", ms=14, color=_color(method, i))
+    ax.axhline(0.5, color="gray", ls="--", lw=1)
+    ax.set(xscale="log", xlabel="learning rate of the method's own parameters", ylabel="validation accuracy",
+           title="Learning-rate sweep on the validation split (star: chosen; dashed: chance)")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no point hidden
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -269,14 +307,17 @@ def plot_val_curves(results: dict, ax=None):
     runs = _runs_json(results, "runs")
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    for method, rs in runs.items():
+    for i, (method, rs) in enumerate(runs.items()):
         steps = [p["step"] for p in rs[0]["val_curve"]]
         acc = np.array([[p["accuracy"] for p in r["val_curve"]] for r in rs])
-        line, = ax.plot(steps, acc.mean(0), "o-", label=f"{method} ({len(rs)} seeds)")
-        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
-    ax.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
-    ax.set(xlabel="training step", ylabel="validation accuracy", title="Validation accuracy while training")
-    ax.legend(fontsize=8)
+        ax.plot(steps, acc.mean(0), "o-", label=method, color=_color(method, i))
+        ax.fill_between(steps, acc.min(0), acc.max(0), color=_color(method, i), alpha=0.15)
+    ax.axhline(0.5, color="gray", ls="--", lw=1)
+    n_seeds = len(next(iter(runs.values())))
+    ax.set(xlabel="training step", ylabel="validation accuracy",
+           title=f"Validation accuracy while training ({n_seeds} seeds: mean, band min to max)")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=9, loc="best")
     ax.grid(alpha=0.3)
     return ax
 
@@ -286,12 +327,15 @@ def plot_accuracy(rows, ax=None, title: str = "Test accuracy per seed (bar: mean
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(rows):
-        ax.bar(i, r["test_mean"], color=plt.cm.tab10(i), alpha=0.35)
+        color = _color(r["method"], i)
+        ax.bar(i, r["test_mean"], color=color, alpha=0.35)
         ax.errorbar(i, r["test_mean"], yerr=r["test_sd"], color="k", capsize=4)
-        ax.plot([i] * len(r["test_accuracy"]), r["test_accuracy"], "o", color=plt.cm.tab10(i))
-    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{r['trainable_percent']:.2g}% trained" for r in rows])
+        ax.plot([i] * len(r["test_accuracy"]), r["test_accuracy"], "o", color=color)
+    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{_percent(r['trainable_percent'])}" for r in rows])
     low = min(a for r in rows for a in r["test_accuracy"])
-    ax.set(ylim=(min(0.5, low - 0.02), 1.0), ylabel="test accuracy", title=title)
+    ax.set(ylim=(min(0.5, low - 0.02), 1.0), xlabel="method (share of the weights trained)", ylabel="test accuracy",
+           title=title)
+    ax.title.set_fontsize(10)
     ax.axhline(0.5, color="gray", ls="--", lw=1)
     ax.grid(alpha=0.3, axis="y")
     return ax

@@ -27,9 +27,8 @@ tensor cores' peak), not yet checked on a T4. The CPU: rates measured on the 2-c
 per method (a LoRA step on a CPU is slower per FLOP than a full one). Good to about a factor of
 two for long runs; compare with the s/step that your first run prints.
 
-Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``); notebooks 03, 04, 05 and 07
-print their estimate before their long cells; ``python -m lora_helpers estimate`` prints it for
-any profile or command.
+``python -m lora_helpers estimate`` prints it for any profile or command, before a long run.
+(The notebooks time a few steps on the reader's own machine instead: ``banner.print_banner``.)
 """
 from __future__ import annotations
 
@@ -72,11 +71,11 @@ DEVICES = {
                  "65 TFLOPS fp16 tensor-core peak (NVIDIA T4 datasheet) x 20% assumed utilisation"),
     "A100": Device("NVIDIA A100", 312 * GPU_UTILISATION,
                    "312 TFLOPS bf16 dense peak (NVIDIA A100 datasheet) x 20% assumed utilisation"),
-    # Measured on the 2-core CI machine (torch, 2 threads, stand-in, 16 x 128 tokens): results/compare-cpu.json,
+    # Measured on the 2-core CI machine (torch, 2 threads, stand-in, 16 x 128 tokens): lora_helpers/results/compare-cpu.json,
     # each method's FLOPs per step (this module) over its median s/step; evaluation from the run's wall time
     # less its training time. Recomputed by tests/test_estimate.py.
     "ci-cpu": Device("the 2-core CI CPU (torch, 2 threads)", 0.109,
-                     "measured: results/compare-cpu.json (FLOPs of this module / seconds)",
+                     "measured: lora_helpers/results/compare-cpu.json (FLOPs of this module / seconds)",
                      per_kind={"full": 0.084, "lora": 0.072, "head": 0.067}),
 }
 
@@ -187,7 +186,7 @@ def notebook_flops(notebook: str, profile, config=None) -> float:
 
 
 def measured_rates(saved: dict) -> dict:
-    """Sustained TFLOPS of a machine, from a saved ``compare`` run (``results/compare-*.json``): per method kind the
+    """Sustained TFLOPS of a machine, from a saved ``compare`` run (``lora_helpers/results/compare-*.json``): per method kind the
     median over runs of FLOPs per step / s per step, and for evaluation the evaluation FLOPs over the run's wall
     time less its training time (so loading and bookkeeping count as evaluation: a slightly low rate)."""
     from .profiles import Profile
@@ -221,7 +220,7 @@ def estimate_table(profile, runs) -> str:
         lines.append(f"{device.name:<38}" + "".join(f"{_duration(plan_cost(profile, runs, key, c)[1]):>24}"
                                                     for c in SHAPES.values()))
     lines.append("How: FLOPs from the shapes (lora_helpers.estimate); a GPU at an assumed 20% of its published peak, "
-                 "the CPU at its\nmeasured rates. Good to a factor of about 2 for long runs; short ones (smoke) are "
+                 "the CPU at its\nmeasured rates. Good to a factor of about 2 for long runs; short ones (the quick profile) are "
                  "dominated by per-step overheads\non a GPU.")
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 Nothing hidden: tokenize once, batch with dynamic padding, AdamW over the
 trainable parameters only (one learning rate, or one per parameter group),
 linear warm-up then linear decay, gradient clipping, mixed precision on a GPU,
-a progress bar, and evaluation every few steps on a held-out split.
+a plain-text progress bar, and evaluation every few steps on a held-out split.
 
 Notebook 03 (``03_lora_distilbert_imdb.ipynb``) writes the bare loop out
 (forward, loss, backward, step, zero_grad) and then introduces this one: the same
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 from .memory import PeakMemory
 from .utils import get_device
@@ -82,7 +83,7 @@ class TrainResult:
 
 
 def _bars_disabled() -> bool:
-    """``TQDM_DISABLE`` set? tqdm's notebook bar ignores the variable (it passes ``disable=False``), so we pass it on."""
+    """``TQDM_DISABLE`` set? Then no progress bar (``disable=None`` would also hide it off a terminal)."""
     return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -183,7 +184,9 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | Non
     with PeakMemory(device) as memory:
         for epoch in range(epochs):
             model.train()
-            bar = tqdm(train_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
+            # a plain-text bar on stdout: in a notebook it updates in place and leaves its last line as a
+            # record (a widget bar shows "model not found" once the notebook is saved and reopened)
+            bar = tqdm(train_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", file=sys.stdout, ncols=100,
                        disable=_bars_disabled())
             for batch in bar:
                 start = time.perf_counter()  # wall time counts training steps, not evaluation

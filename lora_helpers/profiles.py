@@ -1,18 +1,17 @@
 """Run profiles: every size-dependent setting of the DistilBERT/IMDb runs, in one place.
 
-* ``quick`` - CI and quick checks: the offline stand-in backbone, 1,000 training
-  reviews of at most 64 tokens, one epoch (63 steps); a LoRA run takes about half
-  a minute on 2 CPU cores.
-* ``cpu``   - a laptop: real DistilBERT where available (else the stand-in), 2,000
-  reviews of 128 tokens, 125 steps; a LoRA run takes about 4 minutes on 2 cores
-  with the stand-in (``python -m lora_helpers estimate --profile cpu`` for others).
-* ``gpu``   - a Colab T4 class GPU: every training review and the whole test split,
-  256 tokens, one epoch, mixed precision; sized so that notebook 04 takes about
-  half an hour on a T4: estimated from FLOPs at an assumed 20% of the T4's peak
-  (``lora_helpers.estimate``), not yet measured on one.
+* ``quick`` - the default on a CPU: the offline stand-in backbone, 1,000 training
+  reviews of at most 64 tokens, one epoch (63 steps of 16). Every notebook finishes
+  in minutes on a laptop; this is the size whose outputs the notebooks show.
+* ``cpu``   - a longer CPU run, by name: real DistilBERT where available (else the
+  stand-in), 2,000 reviews of 128 tokens, 125 steps; about four times the compute
+  of ``quick`` per run.
+* ``gpu``   - the default on a GPU (Colab's T4): every training review and the whole
+  test split, 256 tokens, one epoch, mixed precision.
 
 Chosen by argument, else the ``LORA_PROFILE`` environment variable, else the
-hardware (``gpu`` when CUDA is available, otherwise ``cpu``). Introduced in
+hardware (``gpu`` when CUDA is available, otherwise ``quick``). Notebooks print the
+profile and their estimated time first (``banner.print_banner``). Introduced in
 notebook 03 (``03_lora_distilbert_imdb.ipynb``).
 """
 from __future__ import annotations
@@ -65,15 +64,15 @@ class Profile:
 
 
 PROFILES = {
-    # smoke: 63 steps of 16 reviews cut at 64 tokens, so that notebook 04's 12 runs (4 methods x 3 seeds)
-    # fit in CI. Rates chosen by `python -m lora_helpers compare --profile quick --seeds 3 --sweep`
-    # (results/compare-quick.json): each the best validation accuracy of its method's sweep, the head's
+    # quick: 63 steps of 16 reviews cut at 64 tokens, so that notebook 04's 12 runs (4 methods x 3 seeds)
+    # take minutes on a laptop CPU. Rates chosen by `python -m lora_helpers compare --profile quick --seeds 3 --sweep`
+    # (lora_helpers/results/compare-quick.json): each the best validation accuracy of its method's sweep, the head's
     # from the head-only sweep. LoRA's 3e-3 is the largest rate its grid tried.
     "quick": Profile("quick", backbone="minilm-standin", n_train=1000, n_val=200, n_test=500, max_length=64,
                      batch_size=16, epochs=1, eval_every=16, lr_full=1e-4, lr_lora=3e-3, lr_lora_all=1e-3,
                      lr_head=1e-3),
     # cpu: a laptop, 125 steps of 16 x 128 tokens. Rates chosen by `python -m lora_helpers compare --profile cpu
-    # --seeds 3 --sweep --out results/compare-cpu.json` (68 min on the 2-core CI machine, stand-in backbone): each
+    # --seeds 3 --sweep --out lora_helpers/results/compare-cpu.json` (68 min on the 2-core CI machine, stand-in backbone): each
     # the best validation accuracy of its method's sweep, the head's from the head-only sweep. Full fine-tuning's,
     # LoRA's and lora-all's are each the largest rate its grid tried (so each may be slightly under-tuned).
     "cpu": Profile("cpu", backbone="auto", n_train=2000, n_val=400, n_test=1000, max_length=128, batch_size=16,
@@ -89,8 +88,8 @@ PROFILES = {
 
 
 def get_profile(name: str | None = None, **overrides) -> Profile:
-    """The profile ``name``, else ``$LORA_PROFILE``, else ``gpu``/``cpu`` by hardware; fields overridable."""
-    name = name or os.environ.get("LORA_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    """The profile ``name``, else ``$LORA_PROFILE``, else ``gpu``/``quick`` by hardware; fields overridable."""
+    name = name or os.environ.get("LORA_PROFILE") or ("gpu" if torch.cuda.is_available() else "quick")
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          "(argument or the LORA_PROFILE environment variable)")

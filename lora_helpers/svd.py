@@ -93,3 +93,4 @@ def plot_singular_values(spectra, ax=None, title="Singular values", normalize=Fa
     if len(spectra) > 1:
         ax.legend()
     return ax
+

@@ -2,7 +2,7 @@
 
 Introduced in notebook 01 (``set_seed``, ``print_versions``); ``get_device`` in
 notebook 03. ``check_can_write`` and ``write_files_atomically`` serve the
-functions that write files (``save_adapter``, introduced in notebook 02;
+functions that write files (``save_adapter``, introduced in notebook 03;
 ``export_to_peft``; the command line).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def set_seed(seed: int = 0, deterministic: bool = True, num_threads: int | None 
     depend on how many threads torch uses. By default ``set_seed`` leaves that
     count alone, so your machine keeps all its cores. It pins it only when asked:
 
-    * ``num_threads=n`` pins ``n`` threads (notebook 02 pins 1 for its tiny timings);
+    * ``num_threads=n`` pins ``n`` threads;
     * otherwise the environment variable ``LORA_NUM_THREADS`` (if set) pins that
       many. The test suite (``conftest.py``) and ``tools/execute_notebooks.sh``
       set it to 2, so that the committed notebook outputs are the same on every

@@ -124,3 +124,16 @@ def test_unknown_name_and_local_folder(cache_dir):
     load_backbone("minilm-standin", verbose=False)
     model, _, description = load_backbone(str(cache_dir), verbose=False)
     assert isinstance(model, DistilBertForSequenceClassification) and "local folder" in description
+
+
+def test_load_pretrained_weight_is_the_source_checkpoints_matrix():
+    """Offline it is all-MiniLM-L6-v2's own query/value weight, read here straight from the package's file."""
+    source = load_file(SRC / "model.safetensors")
+    for kind, layer in (("query", 0), ("value", 5)):
+        W, where = backbone.load_pretrained_weight(kind, layer=layer)
+        assert torch.equal(W, source[f"encoder.layer.{layer}.attention.self.{kind}.weight"])
+        assert where.startswith("minilm-standin") and where.endswith({"query": "q_lin", "value": "v_lin"}[kind])
+    with pytest.raises(ValueError, match="query"):
+        backbone.load_pretrained_weight("key")
+    with pytest.raises(ValueError, match="layer must be 0 .. 5"):
+        backbone.load_pretrained_weight("query", layer=6)

@@ -12,7 +12,7 @@ from lora_helpers.estimate import (DEVICES, SHAPES, compare_plan, forward_flops,
                                    notebook_flops, plan_cost, run_flops, train_step_flops)
 from lora_helpers.lora import freeze_all_except
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "lora_helpers" / "results"
 TINY = DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100, max_position_embeddings=64,
                         num_labels=2, attn_implementation="eager")  # eager: torch counts its attention products
 

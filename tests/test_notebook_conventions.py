@@ -5,8 +5,12 @@ cell) and the guarded install cell (second cell) point to
 ``lora_helpers.REPO_URL``; the versions cell comes third; nbval directives are
 cell tags, not comments; the last section is "## Exercises"; the notebook was
 executed top to bottom in one kernel; no errors, stderr, widgets or figure
-reprs in the saved outputs; no editor metadata; a reasonable size. Also tests
-``tools/set_repo_url.py`` on a copy of the files it rewrites.
+reprs in the saved outputs; no editor metadata; a reasonable size. The learner's
+path: the core notebooks (01-04) within the length bound (the table of every
+notebook is printed), no project talk (CI, the test tool, our machines) in prose
+or comments, no reads of the repository around the notebook, figures at most
+10 inches wide, and a banner (profile, data, time) in every notebook that trains.
+Also tests ``tools/set_repo_url.py`` on a copy of the files it rewrites.
 """
 import json
 import re
@@ -25,6 +29,15 @@ MAX_BYTES = 2 * 2**20
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 ALLOWED_NOTEBOOK_METADATA = {"kernelspec", "language_info"}
 EDITOR_CELL_METADATA = {"colab", "id", "outputId", "executionInfo", "execution", "vscode", "pycharm"}
+# A core notebook is read and run in one sitting: about 2,000 words of Markdown and 250 lines of code at most.
+CORE = ("01", "02", "03", "04")
+MAX_WORDS, MAX_CODE_LINES = 2000, 250
+# Words about the project, not the lesson: a learner needs none of them (checked in Markdown and code comments).
+PROJECT_TALK = re.compile(r"\bCI\b|nbval|NBVAL|test suite|conftest|\bpytest\b|2-core|two-core|tests stay|\bour machine|"
+                          r"output is not checked|reproducible print|profiles\.py|committed file", re.I)
+# Paths of the repository around a notebook: absent where the package is pip-installed and a notebook opened alone.
+REPO_READS = re.compile(r"""Path\(\s*["']\.\.["']\s*\)|["']\.\./|["']results/""")
+MAX_FIGURE_INCHES = 10
 
 
 def slug(url: str) -> str:
@@ -147,6 +160,50 @@ def check_metadata(nb: dict) -> None:
         assert not bad, f"cell {i} carries editor metadata {sorted(bad)}: run tools/clean_notebook.py"
 
 
+def size(nb: dict) -> tuple[int, int]:
+    """(words of Markdown, non-blank lines of code)."""
+    words = sum(len(source(c).split()) for c in nb["cells"] if c["cell_type"] == "markdown")
+    lines = sum(1 for c in nb["cells"] if c["cell_type"] == "code" for line in source(c).splitlines() if line.strip())
+    return words, lines
+
+
+def check_length(nb: dict, name: str) -> None:
+    words, lines = size(nb)
+    if name[:2] in CORE:
+        assert words <= MAX_WORDS and lines <= MAX_CODE_LINES, (
+            f"{name}: {words} words, {lines} code lines; a core notebook stays within {MAX_WORDS} / {MAX_CODE_LINES}")
+
+
+def check_no_project_talk(nb: dict) -> None:
+    """Markdown and code comments speak to the learner: nothing about CI, the test tool or our machines."""
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        text = source(cell) if cell["cell_type"] == "markdown" else "\n".join(re.findall(r"#.*", source(cell)))
+        found += [(i, m.group(0)) for m in PROJECT_TALK.finditer(text)]
+    assert not found, f"project talk in a lesson (cell, words): {found[:8]}"
+
+
+def check_no_repository_reads(nb: dict) -> None:
+    """Where the package is pip-installed and the notebook opened alone (Colab), no repository is around it."""
+    found = [(i, m.group(0)) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+             for m in REPO_READS.finditer(source(c))]
+    assert not found, f"code reads the repository around the notebook (cell, path): {found}; use committed_run()"
+
+
+def check_figure_widths(nb: dict) -> None:
+    """JupyterLab shows a figure about 10 inches wide: a wider one shrinks and its labels become unreadable."""
+    wide = [(i, float(w)) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+            for w in re.findall(r"figsize=\(\s*([\d.]+)\s*,", source(c)) if float(w) > MAX_FIGURE_INCHES]
+    assert not wide, f"figures wider than {MAX_FIGURE_INCHES} inches (cell, width): {wide}"
+
+
+def check_banner(nb: dict, name: str) -> None:
+    """A notebook that trains on IMDb says first what it will run and how long it takes here (banner.print_banner)."""
+    code = "\n".join(source(c) for c in nb["cells"] if c["cell_type"] == "code")
+    if "get_profile(" in code:
+        assert "print_banner(" in code, f"{name} uses a profile but prints no banner (lora_helpers.print_banner)"
+
+
 # ---------------------------------------------------------------- the notebooks as they are
 
 if not NOTEBOOKS:
@@ -193,6 +250,57 @@ def test_clean_outputs(path):
 @by_name
 def test_no_editor_metadata(path):
     check_metadata(load(path))
+
+
+def test_lengths_table(capsys):
+    """The table of every notebook's length (printed with -s); the core bound is checked per notebook below."""
+    rows = [f"{p.name:<44} {size(load(p))[0]:>6} {size(load(p))[1]:>6}" for p in NOTEBOOKS]
+    with capsys.disabled():
+        print(f"\n{'notebook':<44} {'words':>6} {'code':>6}\n" + "\n".join(rows))
+    assert len(rows) == len(NOTEBOOKS)
+
+
+@by_name
+def test_core_length(path):
+    check_length(load(path), path.name)
+
+
+@by_name
+def test_no_project_talk(path):
+    check_no_project_talk(load(path))
+
+
+@by_name
+def test_no_repository_reads(path):
+    check_no_repository_reads(load(path))
+
+
+@by_name
+def test_figure_widths(path):
+    check_figure_widths(load(path))
+
+
+@by_name
+def test_banner(path):
+    check_banner(load(path), path.name)
+
+
+def test_project_talk_checks_catch_examples():
+    """The checks above reject what a reviewer found in earlier versions of the lessons."""
+    cell = lambda kind, text: {"cell_type": kind, "source": text, "metadata": {}, "outputs": []}  # noqa: E731
+    for bad in ("so that the tests stay quick", "on the 2-core CI CPU", "this output is not checked by nbval"):
+        with pytest.raises(AssertionError):
+            check_no_project_talk({"cells": [cell("markdown", bad)]})
+    with pytest.raises(AssertionError):
+        check_no_project_talk({"cells": [cell("code", "x = 1  # pinned threads for reproducible printouts")]})
+    check_no_project_talk({"cells": [cell("code", 'print("CI")  # a string is not a comment')]})
+    with pytest.raises(AssertionError):
+        check_no_repository_reads({"cells": [cell("code", 'json.loads((Path("..") / "results" / "x.json").read_text())')]})
+    with pytest.raises(AssertionError):
+        check_figure_widths({"cells": [cell("code", "fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))")]})
+    with pytest.raises(AssertionError):
+        check_length({"cells": [cell("markdown", "word " * 2001)]}, "02_x.ipynb")
+    check_length({"cells": [cell("markdown", "word " * 2001)]}, "05_x.ipynb")
 
 
 @by_name
