@@ -6,7 +6,8 @@
 #   bash tools/execute_notebooks.sh notebooks/02_*.ipynb
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LORA_PROFILE=quick TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false LORA_NUM_THREADS=2
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false LORA_NUM_THREADS=2
+unset LORA_PROFILE  # the default profile (quick on a CPU), as a learner gets it
 notebooks=("$@")
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(notebooks/[0-9][0-9]_*.ipynb)
 for nb in "${notebooks[@]}"; do
