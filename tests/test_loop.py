@@ -285,7 +285,7 @@ def test_get_profile_env_overrides_and_errors(monkeypatch):
         get_profile()
     monkeypatch.delenv("LORA_PROFILE")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert get_profile().name == "cpu"
+    assert get_profile().name == "quick"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert get_profile().name == "gpu"
     with pytest.raises(TypeError):
