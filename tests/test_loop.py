@@ -345,3 +345,30 @@ def test_evaluate_on_no_batches_is_an_error():
         evaluate(Stub(), [], device="cpu")
     with pytest.raises(ValueError, match="hold no examples"):
         evaluate(Stub(), iter([]), device="cpu")
+
+
+def test_progress_bar_in_a_notebook_is_plain_text(monkeypatch):
+    """In a Jupyter kernel (ipywidgets installed) the bar is text on stdout, not a widget: a saved and reopened
+    notebook shows its last line instead of "Error displaying widget: model not found"."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipywidgets")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # as on a learner's machine
+    code = """
+import torch
+from transformers import DistilBertConfig, DistilBertForSequenceClassification
+from lora_helpers.loop import train
+torch.manual_seed(0)
+config = DistilBertConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=4, vocab_size=100, max_position_embeddings=16)
+model = DistilBertForSequenceClassification(config)
+batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+         "labels": torch.tensor([0, 1])}
+result = train(model, [batch] * 3, lr=1e-3, device="cpu", desc="demo")
+"""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), outputs
+    text = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    assert "demo epoch 1/1" in text and "3/3" in text, outputs
+    assert not any(o.get("name") == "stderr" for o in outputs), outputs
