@@ -13,7 +13,6 @@ Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``).
 from __future__ import annotations
 
 import copy
-import math
 import textwrap
 import time
 
@@ -22,22 +21,6 @@ import torch
 from .loop import _grad_scaler, choose_precision, train_step
 from .methods import method_spec, param_groups, prepare_method
 from .profiles import PROFILES, Profile
-
-IMDB_TRAIN = 25_000  # reviews in IMDb's training split (Maas et al. 2011); the test split holds as many
-
-
-def run_shape(profile: Profile) -> dict:
-    """Steps, validation passes and evaluation batches of one run of ``loop.train`` on ``profile``."""
-    n_train = IMDB_TRAIN - profile.n_val if profile.n_train is None else profile.n_train
-    n_test = IMDB_TRAIN if profile.n_test is None else profile.n_test
-    steps = profile.epochs * math.ceil(n_train / profile.batch_size)
-    every = profile.eval_every or math.ceil(n_train / profile.batch_size)
-    val_passes = len(range(every, steps, every)) + 1  # every `every` steps, and after the last
-    eval_batches = (val_passes * math.ceil(profile.n_val / profile.eval_batch_size)
-                    + math.ceil(n_test / profile.eval_batch_size))
-    return {"steps": steps, "val_passes": val_passes, "eval_batches": eval_batches, "n_train": n_train,
-            "n_test": n_test}
-
 
 def _batch(model, rows: int, length: int, device) -> dict:
     vocab = model.config.vocab_size
@@ -93,7 +76,7 @@ def _now(device) -> float:
 
 def estimate_seconds(profile: Profile, plan: dict, seconds: dict) -> float:
     """Seconds of ``plan`` (method -> runs on ``profile``) from the timings of ``time_steps``."""
-    shape = run_shape(profile)
+    shape = profile.run_shape()
     per_run_eval = shape["eval_batches"] * seconds["eval_batch"]
     return sum(runs * (shape["steps"] * seconds[m] + per_run_eval) for m, runs in plan.items())
 
@@ -103,7 +86,7 @@ def _duration(s: float) -> str:
 
 
 def _sizes(p: Profile) -> str:
-    shape = run_shape(p)
+    shape = p.run_shape()
     return (f"{shape['n_train']:,} train / {p.n_val:,} validation / {shape['n_test']:,} test reviews, at most "
             f"{p.max_length} tokens; {shape['steps']} steps of {p.batch_size} per run")
 
@@ -128,8 +111,8 @@ def print_banner(profile: Profile, model, about: str, device=None, plan: dict | 
     line("profile", f"'{profile.name}' ({how}; others: {others}; set LORA_PROFILE before starting Jupyter)")
     line("data", _sizes(profile))
     if profile.backbone == "minilm-standin":
-        about += (f"; this profile's choice: it works offline and is half DistilBERT's width, so runs take "
-                  f"minutes (the others load the real DistilBERT when they can)")
+        about += ("; this profile's choice: it works offline and is half DistilBERT's width, so runs take "
+                  "minutes (the others load the real DistilBERT when they can)")
     line("backbone", about)
     line("device", f"{device}{threads}")
     out = {"plan": dict(plan or {})}

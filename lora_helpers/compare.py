@@ -11,7 +11,7 @@
   accuracies per seed;
 * ``checkpoint_bytes`` / ``optimizer_bytes``: what each method must save and what its gradients
   and AdamW states weigh (exact, from the shapes);
-* ``low_rank_report`` / ``plot_update_spectra`` / ``plot_low_rank_report``: is the full
+* ``low_rank_report`` / ``plot_update_spectra``: is the full
   fine-tuning update dW low rank, and does LoRA's B A point the same way (paper Section 7)?
 
 * ``committed_run``: a comparison run with the package (``lora_helpers/results/*.json``), read
@@ -397,46 +397,18 @@ def plot_update_spectra(updates: dict, k: int = 8, title: str = "Singular values
     fig, ax = plt.subplots(figsize=(8, 4))
     spectra = {short_name(n): dW for n, dW in updates.items()}
     spectra["random, same shape and norm"] = random_like(next(iter(updates.values())))
+    labelled = set()
     for i, (label, M) in enumerate(spectra.items()):
         S = torch.linalg.svdvals(M.detach().cpu().double()).numpy()
+        kind = "random" if label.startswith("random") else label.split()[-1]  # "L3 q_lin" -> "q_lin"
         cmap = plt.cm.Blues if "q_lin" in label else plt.cm.Oranges
-        style = dict(color="k", ls="--", lw=1.5) if label.startswith("random") else dict(color=cmap(0.4 + 0.5 * i / len(updates)), lw=1)
-        ax.plot(np.arange(1, len(S) + 1), S / S[0], label=label, **style)
+        style = dict(color="k", ls="--", lw=1.5) if kind == "random" else dict(color=cmap(0.4 + 0.5 * i / len(updates)), lw=1)
+        # one legend entry per kind of matrix (W_q, W_v, ...), not one per block
+        name = label if kind == "random" else f"{kind}, one line per block"
+        ax.plot(np.arange(1, len(S) + 1), S / S[0], label=None if name in labelled else name, **style)
+        labelled.add(name)
     ax.axvline(k, color="gray", ls=":", lw=1)
     ax.set(xscale="log", yscale="log", xlabel="index i of the singular value (largest first)", ylabel="σ_i / σ_1", title=title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    return fig
-
-
-def plot_low_rank_report(report: list[dict]):
-    """Bars per matrix: energy in the top k (dW vs its nulls) and, if present, phi (LoRA vs its nulls)."""
-    names = [row["matrix"] for row in report]
-    x = np.arange(len(names))
-    has_phi = "phi" in report[0]
-    fig, axes = plt.subplots(1, 2 if has_phi else 1, figsize=(11 if has_phi else 6, 3.8), squeeze=False)
-    ax = axes[0, 0]
-    bars = [("energy_top_k", "full fine-tuning dW"), ("energy_top_k_W0", "pretrained W0"),
-            ("energy_top_k_random", "random, same shape and norm")]
-    bars = [b for b in bars if b[0] in report[0]]
-    width = 0.8 / len(bars)
-    for j, (key, label) in enumerate(bars):
-        ax.bar(x + (j - (len(bars) - 1) / 2) * width, [row[key] for row in report], width, label=label)
-    ax.set(title=f"Share of ||M||² in the top {report[0]['k']} directions", ylabel="share of the energy")
-    if has_phi:
-        ax = axes[0, 1]
-        bars = [("phi", "LoRA (same seed) vs top-r of dW"), ("phi_other_seed", "LoRA (other seed) vs top-r of dW"),
-                ("phi_random", "random subspace vs top-r of dW")]
-        bars = [b for b in bars if b[0] in report[0]]
-        width = 0.8 / len(bars)
-        for j, (key, label) in enumerate(bars):
-            ax.bar(x + (j - (len(bars) - 1) / 2) * width, [row[key] for row in report], width, label=label)
-        ax.axhline(report[0]["phi_expected_random"], color="gray", ls="--", lw=1, label="r / d (random, expected)")
-        ax.set(title=f"Subspace overlap φ, r = {report[0]['r']} ({report[0]['side']} singular vectors)",
-               ylabel="φ (0: orthogonal, 1: same subspace)")
-    for ax in axes.flat:
-        ax.set_xticks(x, names, rotation=60, fontsize=8)
-        ax.set(xlabel="weight matrix (layer, projection)", ylim=(0, 1))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig

@@ -32,7 +32,6 @@ two for long runs; compare with the s/step that your first run prints.
 """
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -40,7 +39,6 @@ from transformers import DistilBertConfig
 
 from .methods import ALL_BLOCK_LINEARS, method_spec
 
-IMDB_SPLIT = 25_000  # reviews in each of IMDb's train and test splits (Maas et al. 2011)
 
 # The two backbones of the series, by shape only (no weights needed to count FLOPs).
 SHAPES = {
@@ -134,16 +132,11 @@ def run_flops(profile, method: str = "lora", config=None) -> dict:
     """FLOPs of one run of ``method`` on ``profile`` (batches padded to ``max_length``): ``train``, ``val`` (every
     validation pass), ``test`` (the one test pass), ``total``; and its ``steps`` and validation passes ``evals``."""
     config = config or _shape(profile)
-    n_train = IMDB_SPLIT - profile.n_val if profile.n_train is None else profile.n_train
-    n_test = IMDB_SPLIT if profile.n_test is None else profile.n_test
-    steps = profile.epochs * math.ceil(n_train / profile.batch_size)
-    if profile.eval_every:  # loop.train: every eval_every steps, and after the last
-        evals = len(range(profile.eval_every, steps, profile.eval_every)) + 1
-    else:                   # once per epoch
-        evals = profile.epochs
+    shape = profile.run_shape()
+    steps, evals = shape["steps"], shape["val_passes"]
     forward = forward_flops(config, profile.max_length)
     cost = {"train": steps * train_step_flops(config, method, profile), "val": forward * evals * profile.n_val,
-            "test": forward * n_test}
+            "test": forward * shape["n_test"]}
     return {"steps": steps, "evals": evals, **cost, "total": sum(cost.values())}
 
 

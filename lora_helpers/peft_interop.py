@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import read_json_file, read_safetensors_file
-from .lora import LoRALinear, _matches, _name_list, apply_lora, linear_names, lora_layers, mark_only_lora_trainable
+from .lora import _matches, _name_list, apply_lora, linear_names, lora_layers, mark_only_lora_trainable
 from .utils import check_can_write, write_files_atomically
 
 CONFIG_NAME = "adapter_config.json"

@@ -17,10 +17,13 @@ notebook 03 (``03_lora_distilbert_imdb.ipynb``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
 import torch
+
+IMDB_SPLIT = 25_000  # reviews in each of IMDb's train and test splits (Maas et al. 2011)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,19 @@ class Profile:
     def replace(self, **changes) -> "Profile":
         """A copy with some fields changed, e.g. ``profile.replace(n_train=200)``."""
         return dataclasses.replace(self, **changes)
+
+    def run_shape(self) -> dict:
+        """Reviews, steps, validation passes and evaluation batches of one run of ``loop.train`` on this profile."""
+        n_train = IMDB_SPLIT - self.n_val if self.n_train is None else self.n_train
+        n_test = IMDB_SPLIT if self.n_test is None else self.n_test
+        steps_per_epoch = math.ceil(n_train / self.batch_size)
+        steps = self.epochs * steps_per_epoch
+        every = self.eval_every or steps_per_epoch  # loop.train: every eval_every steps (else every epoch) and at the end
+        val_passes = len(range(every, steps, every)) + 1
+        eval_batches = (val_passes * math.ceil(self.n_val / self.eval_batch_size)
+                        + math.ceil(n_test / self.eval_batch_size))
+        return {"n_train": n_train, "n_test": n_test, "steps": steps, "val_passes": val_passes,
+                "eval_batches": eval_batches}
 
     def summary(self) -> str:
         size = lambda n: "all" if n is None else f"{n:,}"  # noqa: E731

@@ -11,7 +11,7 @@ import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
 from lora_helpers import PROFILES, committed_run, get_profile, print_banner
-from lora_helpers.banner import estimate_seconds, run_shape, time_steps
+from lora_helpers.banner import estimate_seconds, time_steps
 from lora_helpers.compare import committed_runs
 from lora_helpers.loop import train
 
@@ -36,7 +36,7 @@ def test_run_shape_matches_what_train_does():
     """Steps and validation passes as loop.train counts them, on a run small enough to train here."""
     profile = PROFILES["quick"].replace(n_train=40, n_val=10, n_test=7, batch_size=4, eval_every=3, eval_batch_size=4,
                                         max_length=8)
-    shape = run_shape(profile)
+    shape = profile.run_shape()
     model = tiny_model()
     batch = {"input_ids": torch.randint(1000, 1200, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,))}
@@ -49,7 +49,7 @@ def test_run_shape_matches_what_train_does():
 
 def test_run_shape_of_the_whole_split():
     gpu = PROFILES["gpu"]
-    shape = run_shape(gpu)
+    shape = gpu.run_shape()
     assert shape["n_train"] == 25_000 - gpu.n_val and shape["n_test"] == 25_000
     assert shape["steps"] == math.ceil((25_000 - gpu.n_val) / gpu.batch_size)
 

@@ -1,5 +1,4 @@
 """Tests of lora_helpers.experiments: parameter budgets, and the PiSSA-like init (notebook 05; its runs are tested in test_runner.py)."""
-import math
 
 import pytest
 import torch
