@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false LORA_NUM_THREADS=2
+# idle OpenMP threads sleep: two notebooks executed side by side must not spin against each other
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 unset LORA_PROFILE  # the default profile (quick on a CPU), as a learner gets it
 notebooks=("$@")
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(notebooks/[0-9][0-9]_*.ipynb)
