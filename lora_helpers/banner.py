@@ -18,9 +18,11 @@ import time
 
 import torch
 
+from .estimate import duration
 from .loop import _grad_scaler, choose_precision, train_step
 from .methods import method_spec, param_groups, prepare_method
-from .profiles import PROFILES, Profile
+from .profiles import PROFILES, Profile, default_profile_name
+
 
 def _batch(model, rows: int, length: int, device) -> dict:
     vocab = model.config.vocab_size
@@ -81,10 +83,6 @@ def estimate_seconds(profile: Profile, plan: dict, seconds: dict) -> float:
     return sum(runs * (shape["steps"] * seconds[m] + per_run_eval) for m, runs in plan.items())
 
 
-def _duration(s: float) -> str:
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
-
-
 def _sizes(p: Profile) -> str:
     shape = p.run_shape()
     return (f"{shape['n_train']:,} train / {p.n_val:,} validation / {shape['n_test']:,} test reviews, at most "
@@ -101,8 +99,7 @@ def print_banner(profile: Profile, model, about: str, device=None, plan: dict | 
     from .utils import get_device
 
     device = get_device() if device is None else torch.device(device)
-    default = "gpu" if torch.cuda.is_available() else "quick"
-    how = "the default here" if profile.name == default else "chosen by name"
+    how = "the default here" if profile.name == default_profile_name() else "chosen by name"
     others = ", ".join(f"'{n}'" for n in PROFILES if n != profile.name)
     n = torch.get_num_threads()
     threads = f", {n} torch thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
@@ -125,5 +122,5 @@ def print_banner(profile: Profile, model, about: str, device=None, plan: dict | 
         runs = ", ".join(f"{m} x{n}" for m, n in plan.items())
         steps = ", ".join(f"{m} {out['seconds'][m]:.2f} s" for m in plan)
         line("runs", f"{sum(plan.values())} ({runs}); one step here: {steps}")
-        line("time", f"about {_duration(out['estimate_s'])} of training and evaluation on this machine")
+        line("time", f"about {duration(out['estimate_s'])} of training and evaluation on this machine")
     return out

@@ -39,7 +39,6 @@ from transformers import DistilBertConfig
 
 from .methods import ALL_BLOCK_LINEARS, method_spec
 
-
 # The two backbones of the series, by shape only (no weights needed to count FLOPs).
 SHAPES = {
     "distilbert-base-uncased": DistilBertConfig(),                                         # 768 wide, 66M parameters
@@ -200,7 +199,8 @@ def measured_rates(saved: dict) -> dict:
             "eval": eval_flops / (saved["wall_time_s"] - train_seconds) / 1e12}
 
 
-def _duration(s: float) -> str:
+def duration(s: float) -> str:
+    """Seconds in words: '45 s', '12 min', '2.5 h'."""
     return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
@@ -210,7 +210,7 @@ def estimate_table(profile, runs) -> str:
              f"{'compute':<38}" + "".join(f"{plan_cost(profile, runs, 'T4', c)[0] / 1e15:>18.2f} PFLOP"
                                          for c in SHAPES.values())]
     for key, device in DEVICES.items():
-        lines.append(f"{device.name:<38}" + "".join(f"{_duration(plan_cost(profile, runs, key, c)[1]):>24}"
+        lines.append(f"{device.name:<38}" + "".join(f"{duration(plan_cost(profile, runs, key, c)[1]):>24}"
                                                     for c in SHAPES.values()))
     lines.append("How: FLOPs from the shapes (lora_helpers.estimate); a GPU at an assumed 20% of its published peak, "
                  "the CPU at its\nmeasured rates. Good to a factor of about 2 for long runs; short ones (the quick profile) are "

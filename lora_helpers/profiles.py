@@ -103,9 +103,14 @@ PROFILES = {
 }
 
 
+def default_profile_name() -> str:
+    """``$LORA_PROFILE`` if set, else ``gpu`` when CUDA is available, otherwise ``quick``."""
+    return os.environ.get("LORA_PROFILE") or ("gpu" if torch.cuda.is_available() else "quick")
+
+
 def get_profile(name: str | None = None, **overrides) -> Profile:
     """The profile ``name``, else ``$LORA_PROFILE``, else ``gpu``/``quick`` by hardware; fields overridable."""
-    name = name or os.environ.get("LORA_PROFILE") or ("gpu" if torch.cuda.is_available() else "quick")
+    name = name or default_profile_name()
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          "(argument or the LORA_PROFILE environment variable)")
