@@ -151,6 +151,40 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
+def _versions() -> dict:
+    """The package's commit (when run from a git checkout) and the versions of what the numbers depend on."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("lora_helpers", "torch", "transformers", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            out["commit"] = commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _grid(text: str) -> tuple[str, tuple[float, ...]]:
+    """``full=1e-4,3e-4`` -> ``("full", (1e-4, 3e-4))`` (``--grid``)."""
+    method, sep, rates = text.partition("=")
+    if not sep or method not in METHODS:
+        raise argparse.ArgumentTypeError(f"expected METHOD=LR,LR,... with METHOD one of {list(METHODS)}, got {text!r}")
+    values = tuple(_positive_float(x) for x in rates.split(",") if x.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"no learning rate in {text!r}: e.g. {method}=1e-4,3e-4,1e-3")
+    return method, values
+
+
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .adapters import save_adapter
     from .backbone import load_backbone
@@ -207,10 +241,19 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     out = Path(args.out or f"runs/compare-{profile.name}.json")
     check_output_paths(parser, files=[out])
     print(profile.summary())
-    lrs = {m: SWEEP_LRS[m] for m in args.methods} if args.sweep else None
+    if (args.grid or args.extend_grid) and not args.sweep:
+        parser.error("--grid and --extend-grid shape the learning-rate sweep: add --sweep")
+    grids = dict(args.grid or [])
+    unknown = sorted(set(grids) - set(args.methods))
+    if unknown:
+        parser.error(f"--grid for {unknown}, which --methods does not compare ({args.methods})")
+    if args.control and args.control not in args.methods:
+        parser.error(f"--control {args.control} must be one of --methods ({args.methods})")
+    lrs = {m: grids.get(m, SWEEP_LRS[m]) for m in args.methods} if args.sweep else None
     start = time.perf_counter()
     try:
-        results = compare_methods(profile, methods=args.methods, seeds=range(args.seeds), lrs=lrs, device=args.device)
+        results = compare_methods(profile, methods=args.methods, seeds=range(args.seeds), lrs=lrs, device=args.device,
+                                  extend_grid=args.extend_grid, control=args.control)
         costs = method_costs(profile, args.methods)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -223,6 +266,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     saved["command"] = "python -m lora_helpers " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     saved["wall_time_s"] = wall
     saved["machine"] = _machine()
+    saved["versions"] = _versions()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(saved, indent=1) + "\n")
@@ -279,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--sweep", action="store_true",
                          help="first choose each method's learning rate on the validation split "
                               "(compare.SWEEP_LRS; the head-only sweep sets the head rate of every method)")
+    compare.add_argument("--grid", type=_grid, action="append", metavar="METHOD=LR,LR,...",
+                         help="with --sweep: the rates to try for METHOD instead of compare.SWEEP_LRS (repeatable)")
+    compare.add_argument("--extend-grid", action="store_true",
+                         help="with --sweep: while a method's best rate is at the edge of its grid, try the next "
+                              "rate beyond it (half a decade; at most 3 more)")
+    compare.add_argument("--control", choices=list(METHODS), metavar="METHOD",
+                         help="train METHOD again with as many new seeds: the same-configuration noise yardstick")
     add_profile_arguments(compare)
     compare.add_argument("--out", metavar="FILE", help="results JSON (default: runs/compare-<profile>.json)")
     compare.set_defaults(func=_cmd_compare)

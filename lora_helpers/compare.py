@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
+import math
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,7 +69,7 @@ CHECKPOINT_WHAT = {"full": "whole model state", "lora": "LoRA A, B + head", "hea
 # scaled by alpha / r, so its good rates sit about 10x higher (Thinking Machines, "LoRA Without
 # Regret", 2025); the head, trained from scratch on frozen features, tolerates the highest.
 SWEEP_LRS = {"full": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3), "lora-all": (3e-4, 1e-3, 3e-3),
-             "head": (1e-3, 3e-3, 1e-2)}
+             "lora-nodrop": (3e-4, 1e-3, 3e-3), "head": (1e-3, 3e-3, 1e-2)}
 
 
 # ------------------------------------------------------------------ costs, exact
@@ -111,23 +112,61 @@ def method_costs(profile, methods, backbone=None) -> dict:
 
 # ------------------------------------------------------------------ the comparison
 
+def next_rate(lr: float, up: bool) -> float:
+    """The next rate of the half-decade grid ``1, 3, 10, 30, ...`` (times a power of ten) above or below ``lr``."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10 ** exponent  # 1 or 3 on the grid
+    if up:
+        return (3 if mantissa < 2 else 10) * 10 ** exponent
+    return (1 if mantissa > 2 else 0.3) * 10 ** exponent
+
+
+def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone, verbose, max_extra: int = 3) -> list:
+    """``runner.sweep`` over ``lrs``, then one more rate beyond the edge while the best is at an edge of the grid.
+
+    A rate chosen at the edge of its grid may be under- or over-tuned: the grid grows (half a decade at a
+    time, at most ``max_extra`` rates) until the best validation accuracy has a tried rate on each side.
+    """
+    runs = sweep(spec, data, profile, sorted(lrs), seed=seed, head_lr=head_lr, device=device, backbone=backbone,
+                 verbose=verbose)
+    for _ in range(max_extra):
+        runs.sort(key=lambda r: r.lr)
+        best = best_run(runs)
+        if best is not runs[0] and best is not runs[-1]:
+            break
+        lr = next_rate(best.lr, up=best is runs[-1])
+        if verbose:
+            print(f"   best rate {best.lr:g} is at the edge of the grid: trying {lr:g} too")
+        runs += sweep(spec, data, profile, [lr], seed=seed, head_lr=head_lr, device=device, backbone=backbone,
+                      verbose=verbose)
+    return sorted(runs, key=lambda r: r.lr)
+
+
 def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds=(0, 1, 2), lrs: dict | None = None,
-                    data=None, device=None, backbone=None, verbose: bool = True) -> dict:
+                    data=None, device=None, backbone=None, verbose: bool = True, extend_grid: bool = False,
+                    control: str | None = None) -> dict:
     """Train each method with each seed on the same reviews; test each once, at the end.
 
     ``lrs`` (optional): ``{method: [learning rates]}`` to choose each method's own rate on the
     validation split at ``seeds[0]``. If ``"head"`` is swept, it goes first and its best rate
     becomes the head rate of every method (each method trains the same new head alike). The
     winning sweep run is reused as that method's ``seeds[0]`` run. Methods not swept use the
-    profile's rates. ``data``: a ``TokenizedData`` (default: ``load_splits`` + ``tokenize``);
-    ``backbone``: a ``load_backbone``-style callable (default ``load_backbone``).
+    profile's rates. ``extend_grid``: grow a grid whose best rate sits at its edge (``extended_sweep``).
+    ``control``: one of ``methods`` trained again with as many new seeds (``seeds`` shifted past the
+    last), at its chosen rate: two groups of seeds of one configuration, the noise yardstick of the
+    seed-level verdicts (``seed_comparison``). ``data``: a ``TokenizedData`` (default: ``load_splits``
+    + ``tokenize``); ``backbone``: a ``load_backbone``-style callable (default ``load_backbone``).
 
     Returns ``{"profile", "backbone", "device", "lrs": {method: chosen}, "head_lr", "sweep":
-    {method: [RunResult]}, "runs": {method: [RunResult per seed]}}``.
+    {method: [RunResult]}, "runs": {method: [RunResult per seed]}, "control": {"method", "runs"} or None}``.
     """
-    unknown = [m for m in list(methods) + list(lrs or {}) if m not in ("full", "lora", "lora-all", "head")]
+    from .methods import METHODS
+
+    unknown = [m for m in list(methods) + list(lrs or {}) if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}: choose from ['full', 'lora', 'lora-all', 'head']")
+        raise ValueError(f"unknown methods {unknown}: choose from {list(METHODS)}")
+    if control is not None and control not in methods:
+        raise ValueError(f"control {control!r} must be one of the methods compared: {list(methods)}")
     seeds = list(seeds)
     if not seeds:
         raise ValueError("need at least one seed")
@@ -144,8 +183,12 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
         if method in lrs:
             if verbose:
                 print(f"-- {method}: learning-rate sweep {lrs[method]} on the validation split (seed {seeds[0]})")
-            swept[method] = sweep(spec, data, profile, lrs[method], seed=seeds[0], head_lr=head_lr, device=device,
-                                  backbone=backbone, verbose=verbose)
+            if extend_grid:
+                swept[method] = extended_sweep(spec, data, profile, lrs[method], seed=seeds[0], head_lr=head_lr,
+                                               device=device, backbone=backbone, verbose=verbose)
+            else:
+                swept[method] = sweep(spec, data, profile, lrs[method], seed=seeds[0], head_lr=head_lr,
+                                      device=device, backbone=backbone, verbose=verbose)
             first = best_run(swept[method])
             if method == "head":
                 head_lr = first.lr
@@ -167,9 +210,18 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
                              device=device, backbone=backbone, verbose=verbose)
             runs[method].append(result)
         chosen[method] = runs[method][0].lr
+    control_runs = None
+    if control is not None:
+        spec = method_spec(control, profile)
+        control_seeds = [max(seeds) + 1 + i for i in range(len(seeds))]
+        if verbose:
+            print(f"-- control: {control} again with seeds {control_seeds} (the same configuration, other seeds)")
+        control_runs = {"method": control, "runs": [
+            run(spec, data, profile, seed=seed, lr=chosen[control], head_lr=head_lr, test=True, device=device,
+                backbone=backbone, verbose=verbose) for seed in control_seeds]}
     backbone = next(iter(runs.values()))[0].backbone
     return {"profile": profile, "backbone": backbone, "device": str(device), "lrs": chosen, "head_lr": head_lr,
-            "sweep": swept, "runs": {m: runs[m] for m in methods}, "seeds": seeds,
+            "sweep": swept, "runs": {m: runs[m] for m in methods}, "seeds": seeds, "control": control_runs,
             "test_labels": list(data.test_labels), "n_train": data.n_train, "n_val": data.n_val,
             "n_test": data.n_test}
 
@@ -237,7 +289,9 @@ def results_json(results: dict, costs: dict | None = None) -> dict:
             "n_train": results["n_train"], "n_val": results["n_val"], "n_test": results["n_test"],
             "summary": summary_rows(results, costs), "costs": costs,
             "sweep": {m: [r.metrics() for r in rs] for m, rs in results["sweep"].items()},
-            "runs": {m: [r.metrics() for r in rs] for m, rs in results["runs"].items()}}
+            "runs": {m: [r.metrics() for r in rs] for m, rs in results["runs"].items()},
+            "control": None if not results.get("control") else
+            {"method": results["control"]["method"], "runs": [r.metrics() for r in results["control"]["runs"]]}}
 
 
 # ------------------------------------------------------------------ showing
@@ -270,7 +324,8 @@ def _runs_json(results: dict, key: str) -> dict:
 
 
 # One colour per method in every figure (sweep, curves, bars), so a method is recognised at a glance.
-METHOD_COLORS = {"full": "tab:blue", "lora": "tab:orange", "lora-all": "tab:green", "head": "tab:red"}
+METHOD_COLORS = {"full": "tab:blue", "lora": "tab:orange", "lora-all": "tab:green", "head": "tab:red",
+                 "lora-nodrop": "tab:brown"}
 
 
 def _color(method: str, i: int):

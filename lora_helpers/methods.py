@@ -67,7 +67,9 @@ def method_spec(name: str, profile=None) -> MethodSpec:
 
     ``lora`` is the paper's GLUE setting (r = 8 on ``q_lin``, ``v_lin``); ``lora-all``
     puts the same r and alpha on every Linear of the blocks (the "all layers" setting that
-    Thinking Machines' "LoRA Without Regret" (2025) finds to match full fine-tuning).
+    Thinking Machines' "LoRA Without Regret" (2025) finds to match full fine-tuning);
+    ``lora-nodrop`` is ``lora`` with dropout 0 on the branch (dropout makes a step slower:
+    ``python -m lora_helpers compare`` decides on validation whether it earns its cost).
     """
     r = profile.r if profile is not None else 8
     alpha = profile.lora_alpha if profile is not None else 16
@@ -79,6 +81,8 @@ def method_spec(name: str, profile=None) -> MethodSpec:
                            targets=targets, r=r, lora_alpha=alpha, lora_dropout=dropout),
         "lora-all": MethodSpec("lora-all", "lora", f"LoRA r={r} on every Linear of the blocks + the new head",
                                targets=ALL_BLOCK_LINEARS, r=r, lora_alpha=alpha, lora_dropout=dropout),
+        "lora-nodrop": MethodSpec("lora-nodrop", "lora", "lora without dropout on the branch (is dropout worth it?)",
+                                  targets=targets, r=r, lora_alpha=alpha, lora_dropout=0.0),
         "head": MethodSpec("head", "head", "head only: the backbone frozen, the new head trains"),
     }
     if name not in specs:
@@ -86,7 +90,7 @@ def method_spec(name: str, profile=None) -> MethodSpec:
     return specs[name]
 
 
-METHODS = {name: method_spec(name).description for name in ("full", "lora", "lora-all", "head")}
+METHODS = {name: method_spec(name).description for name in ("full", "lora", "lora-all", "lora-nodrop", "head")}
 
 
 def prepare_method(model: nn.Module, spec: MethodSpec, head_modules=HEAD_MODULES) -> list[str]:
