@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from .methods import METHODS
-from .profiles import PROFILES, get_profile
+from .profiles import PROFILES, default_profile_name, get_profile
 
 # Profile fields that a run can override from the command line (--n-train sets n_train, ...)
 PROFILE_OVERRIDES = ("n_train", "n_val", "n_test", "max_length", "epochs", "seed", "backbone")
@@ -116,12 +116,16 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The chosen profile with the overrides given on the command line applied."""
-    overrides = {field: getattr(args, field) for field in PROFILE_OVERRIDES if getattr(args, field, None) is not None}
-    overrides = {k: None if v == "all" else v for k, v in overrides.items()}  # None: the whole split
     try:
-        return get_profile(args.profile, **overrides)
+        return get_profile(args.profile, **_overrides(args))
     except ValueError as err:  # e.g. a bad $LORA_PROFILE
         parser.error(str(err))
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """The profile fields given on the command line (``all`` -> None: the whole split)."""
+    overrides = {field: getattr(args, field) for field in PROFILE_OVERRIDES if getattr(args, field, None) is not None}
+    return {k: None if v == "all" else v for k, v in overrides.items()}
 
 
 def _positive_float(text: str) -> float:
@@ -262,7 +266,12 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     print(f"\n{results['backbone']}, device {results['device']}; {results['n_train']:,} training, "
           f"{results['n_val']:,} validation, {results['n_test']:,} test reviews; {args.seeds} seeds\n")
     print(results_table(summary_rows(results, costs)))
-    saved = results_json(results, costs)
+    _save_run(results_json(results, costs), out, args, wall)
+    return 0
+
+
+def _save_run(saved: dict, out: Path, args: argparse.Namespace, wall: float) -> None:
+    """Write a run's JSON with how and where it was made (command, time, machine, versions), atomically."""
     saved["command"] = "python -m lora_helpers " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     saved["wall_time_s"] = wall
     saved["machine"] = _machine()
@@ -272,6 +281,42 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     tmp.write_text(json.dumps(saved, indent=1) + "\n")
     tmp.replace(out)  # atomic: a failed write never destroys an earlier result
     print(f"\nresults: {out} ({wall / 60:.1f} min)")
+
+
+def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Notebook 05's committed IMDb study: which matrices at one budget, which rank, PiSSA (paper Tables 5, 6)."""
+    from .backbone import load_backbone
+    from .compare import compare_methods, control_line, results_json, results_table, summary_rows
+    from .experiments import section7_specs, study_profile
+
+    base = profile_from_args(args, parser).replace(**{f: getattr(PROFILES[args.profile or default_profile_name()], f)
+                                                      for f in _overrides(args)})
+    profile = study_profile(base, **_overrides(args))  # the study's settings, then the command line's
+    out = Path(args.out or f"runs/study-{profile.name}.json")
+    check_output_paths(parser, files=[out])
+    print(profile.summary())
+    start = time.perf_counter()
+    try:
+        model, _, _ = load_backbone(profile.backbone, seed=profile.seed, verbose=False)
+        specs = section7_specs(model, profile)
+        del model
+        grid = tuple(args.grid)
+        lrs = {"head": grid, **{s.name: grid for s in specs}}
+        results = compare_methods(profile, methods=["head", *specs], seeds=range(args.seeds), lrs=lrs,
+                                  device=args.device, extend_grid=True, control=specs[2].name)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    wall = time.perf_counter() - start
+    rows = summary_rows(results, reference=specs[2].name)
+    print(results_table(rows).replace("vs full", f"vs {specs[2].name}"))
+    print(control_line(results))
+    saved = results_json(results)
+    saved["summary"] = rows
+    saved["reference"] = specs[2].name
+    saved["specs"] = {s.name: {"targets": list(s.targets), "r": s.r, "lora_alpha": s.lora_alpha,
+                               "lora_dropout": s.lora_dropout, "init": s.init, "rslora": s.rslora} for s in specs}
+    _save_run(saved, out, args, wall)
     return 0
 
 
@@ -333,6 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_arguments(compare)
     compare.add_argument("--out", metavar="FILE", help="results JSON (default: runs/compare-<profile>.json)")
     compare.set_defaults(func=_cmd_compare)
+
+    study = sub.add_parser("study", help="notebook 05's committed study: which matrices, which rank (Tables 5, 6)",
+                           description="Train LoRA on each choice of matrices at one parameter budget, on W_q, W_v at "
+                                       "ranks 1, 8, 64, and PiSSA, each at its own learning rate chosen on "
+                                       "validation (the grid grows past an edge optimum), with several seeds, "
+                                       "plus head only and a second group of seeds of W_q, W_v r = 8 (the noise "
+                                       "yardstick). Settings: experiments.study_profile, then the overrides.")
+    study.add_argument("--seeds", type=_int_at_least(2), default=3, metavar="N", help="seeds per variant (default 3)")
+    study.add_argument("--grid", type=_positive_float, nargs="+", default=[1e-3, 3e-3, 1e-2], metavar="LR",
+                       help="learning rates every variant and the head start from (default: 1e-3 3e-3 1e-2)")
+    add_profile_arguments(study)
+    study.add_argument("--out", metavar="FILE", help="results JSON (default: runs/study-<profile>.json)")
+    study.set_defaults(func=_cmd_study)
 
     estimate = sub.add_parser("estimate", help="FLOPs and estimated time of a comparison or a notebook, before running",
                               description="Count the FLOPs of `compare` with the same options (or of a notebook's "

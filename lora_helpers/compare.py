@@ -39,8 +39,9 @@ from .adapters import lora_state_dict, save_adapter
 from .analysis import (energy_in_top, expected_random_similarity, random_like, subspace_similarity, top_directions)
 from .backbone import load_backbone
 from .lora import count_parameters
-from .methods import method_spec, prepare_method
+from .methods import MethodSpec, method_spec, prepare_method
 from .runner import best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
+from .stats import EQUIVALENCE_MARGIN, compare_runs, gap_recovered
 from .utils import get_device
 
 def committed_runs() -> list[str]:
@@ -147,6 +148,7 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
                     control: str | None = None) -> dict:
     """Train each method with each seed on the same reviews; test each once, at the end.
 
+    ``methods``: names from ``methods.METHODS`` or ``MethodSpec`` variants (named by their ``name``).
     ``lrs`` (optional): ``{method: [learning rates]}`` to choose each method's own rate on the
     validation split at ``seeds[0]``. If ``"head"`` is swept, it goes first and its best rate
     becomes the head rate of every method (each method trains the same new head alike). The
@@ -154,7 +156,7 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
     profile's rates. ``extend_grid``: grow a grid whose best rate sits at its edge (``extended_sweep``).
     ``control``: one of ``methods`` trained again with as many new seeds (``seeds`` shifted past the
     last), at its chosen rate: two groups of seeds of one configuration, the noise yardstick of the
-    seed-level verdicts (``seed_comparison``). ``data``: a ``TokenizedData`` (default: ``load_splits``
+    seed-level verdicts (``control_comparison``). ``data``: a ``TokenizedData`` (default: ``load_splits``
     + ``tokenize``); ``backbone``: a ``load_backbone``-style callable (default ``load_backbone``).
 
     Returns ``{"profile", "backbone", "device", "lrs": {method: chosen}, "head_lr", "sweep":
@@ -162,9 +164,12 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
     """
     from .methods import METHODS
 
-    unknown = [m for m in list(methods) + list(lrs or {}) if m not in METHODS]
+    specs = {m.name: m for m in methods if isinstance(m, MethodSpec)}  # variants (notebook 05's study)
+    methods = [m.name if isinstance(m, MethodSpec) else m for m in methods]
+    unknown = [m for m in list(methods) + list(lrs or {}) if m not in METHODS and m not in specs]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}: choose from {list(METHODS)}")
+        raise ValueError(f"unknown methods {unknown}: choose from {list(METHODS)} or pass a MethodSpec")
+    specs.update({m: method_spec(m, profile) for m in methods if m not in specs})
     if control is not None and control not in methods:
         raise ValueError(f"control {control!r} must be one of the methods compared: {list(methods)}")
     seeds = list(seeds)
@@ -178,7 +183,7 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
     order = sorted(methods, key=lambda m: m != "head") if "head" in lrs else list(methods)
     head_lr, chosen, swept, runs = profile.lr_head, {}, {}, {}
     for method in order:
-        spec = method_spec(method, profile)
+        spec = specs[method]
         first = None
         if method in lrs:
             if verbose:
@@ -212,7 +217,7 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
         chosen[method] = runs[method][0].lr
     control_runs = None
     if control is not None:
-        spec = method_spec(control, profile)
+        spec = specs[control]
         control_seeds = [max(seeds) + 1 + i for i in range(len(seeds))]
         if verbose:
             print(f"-- control: {control} again with seeds {control_seeds} (the same configuration, other seeds)")
@@ -229,22 +234,30 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
 def paired(runs_a: list, runs_b: list, labels) -> list[dict]:
     """McNemar's test of ``runs_a`` against ``runs_b`` seed by seed (the runs of one seed paired), on the test split.
 
+    A per-model test: is *this* model of A more accurate than *this* model of B on these reviews? It ignores
+    how much another seed would change either, so it is not a verdict on the methods (``stats.seed_verdict``).
     ``[{"seed", "a_only", "b_only", "p_value", "accuracy_difference"}]``, one per seed the two share.
     """
-    by_seed = {b.seed: b for b in runs_b}
-    shared = [a for a in runs_a if a.seed in by_seed]
+    runs_a, runs_b = [_metrics(r) for r in runs_a], [_metrics(r) for r in runs_b]
+    by_seed = {b["seed"]: b for b in runs_b}
+    shared = [a for a in runs_a if a["seed"] in by_seed]
     if not shared:
-        raise ValueError(f"no seed in common: {[a.seed for a in runs_a]} against {sorted(by_seed)}")
-    return [{"seed": a.seed, **mcnemar(a.test["predictions"], by_seed[a.seed].test["predictions"], labels)}
+        raise ValueError(f"no seed in common: {[a['seed'] for a in runs_a]} against {sorted(by_seed)}")
+    return [{"seed": a["seed"], **mcnemar(a["test_predictions"], by_seed[a["seed"]]["test_predictions"], labels)}
             for a in shared]
 
 
+def _metrics(run) -> dict:
+    """A run as its ``metrics()`` dict (live ``RunResult`` or already a dict from a saved JSON)."""
+    return run if isinstance(run, dict) else run.metrics()
+
+
 def paired_tests(results: dict, reference: str = "full") -> dict:
-    """``paired`` for each method against ``reference`` (``compare_methods``' result).
+    """``paired`` for each method against ``reference`` (``compare_methods``' result or a saved JSON).
 
     ``{method: [{"seed", "a_only", "b_only", "p_value", "accuracy_difference"}]}`` (a = the method).
     """
-    labels, out = results["test_labels"], {}
+    labels, out = _test_labels(results), {}
     if reference not in results["runs"]:
         return out
     for method, runs in results["runs"].items():
@@ -253,29 +266,59 @@ def paired_tests(results: dict, reference: str = "full") -> dict:
     return out
 
 
-def verdict(tests: list[dict], alpha: float = 0.05) -> str:
-    """"better" / "worse" when every seed's McNemar test is significant in the same direction; else "within noise"."""
-    if tests and all(t["p_value"] < alpha and t["accuracy_difference"] > 0 for t in tests):
-        return "better"
-    if tests and all(t["p_value"] < alpha and t["accuracy_difference"] < 0 for t in tests):
-        return "worse"
-    return "within noise"
+def _test_labels(results: dict) -> list:
+    """The test labels of a live result or of a saved JSON (``results_json`` keeps them)."""
+    if "test_labels" not in results:
+        raise KeyError("this result has no test labels: McNemar's test needs them (compare_methods keeps them)")
+    return results["test_labels"]
 
 
-def summary_rows(results: dict, costs: dict | None = None, reference: str = "full") -> list[dict]:
-    """One row per method: rate, test accuracy mean ± sd over seeds, the paired verdict against ``reference``."""
-    tests = paired_tests(results, reference)
+def control_comparison(results: dict, margin: float = EQUIVALENCE_MARGIN) -> dict | None:
+    """The same-configuration control: the control method's seeds against its other seeds (paired in order).
+
+    Two groups of seeds of one configuration differ only by chance, so this is the noise every verdict must
+    beat. ``None`` when the run has no control (``compare_methods(control=...)``).
+    """
+    control = results.get("control")
+    if not control:
+        return None
+    method = control["method"]
+    first, second = [_metrics(r) for r in results["runs"][method]], [_metrics(r) for r in control["runs"]]
+    n = min(len(first), len(second))
+    out = compare_runs(second[:n], first[:n], results["n_test"], margin, by_seed=False)
+    return {**out, "method": method, "seeds_a": [r["seed"] for r in second[:n]],
+            "seeds_b": [r["seed"] for r in first[:n]]}
+
+
+def summary_rows(results: dict, costs: dict | None = None, reference: str = "full",
+                 margin: float = EQUIVALENCE_MARGIN) -> list[dict]:
+    """One row per method: rate, test accuracy mean ± sd over seeds, and against ``reference``: the seed-level
+    difference with its 95% interval and verdict (``stats.seed_verdict``, margin ``margin``), McNemar's p per
+    seed (per model), and the share of the head-only -> full gap recovered. Works on a live result or a saved JSON.
+    """
+    costs = costs if costs is not None else results.get("costs")
+    runs = {m: [_metrics(r) for r in rs] for m, rs in results["runs"].items()}
+    tests = paired_tests(results, reference) if "test_labels" in results else {}
     rows = []
-    for method, runs in results["runs"].items():
-        mean, sd = mean_sd(r.test_accuracy for r in runs)
-        row = {"method": method, "lr": runs[0].lr, "head_lr": runs[0].head_lr, "seeds": [r.seed for r in runs],
-               "test_accuracy": [r.test_accuracy for r in runs], "test_mean": mean, "test_sd": sd,
-               "val_mean": mean_sd(r.val_accuracy for r in runs)[0], "trainable_params": runs[0].trainable_params,
-               "trainable_percent": runs[0].trainable_percent, "steps": runs[0].train_steps}
-        if method in tests:
-            row.update(vs=reference, mcnemar_p=[t["p_value"] for t in tests[method]],
-                       difference=mean_sd(t["accuracy_difference"] for t in tests[method]),
-                       verdict=verdict(tests[method]))
+    for method, rs in runs.items():
+        acc = [r["test_accuracy"] for r in rs]
+        mean, sd = mean_sd(acc)
+        row = {"method": method, "lr": rs[0]["lr"], "head_lr": rs[0]["head_lr"], "seeds": [r["seed"] for r in rs],
+               "test_accuracy": acc, "test_mean": mean, "test_sd": sd,
+               "val_mean": mean_sd(r["val_accuracy"] for r in rs)[0], "trainable_params": rs[0]["trainable_params"],
+               "trainable_percent": rs[0]["trainable_percent"], "steps": rs[0]["train_steps"]}
+        if reference in runs and method != reference:
+            vs = compare_runs(rs, runs[reference], results["n_test"], margin)
+            row.update(vs=reference, difference=vs["mean"], low=vs["low"], high=vs["high"], verdict=vs["verdict"],
+                       margin=margin)
+            if method in tests:
+                row["mcnemar_p"] = [t["p_value"] for t in tests[method]]
+        if reference == "full" and "full" in runs and "head" in runs and method not in ("head", "full"):
+            try:
+                gap = gap_recovered(rs, runs[reference], runs["head"])
+                row.update(gap=gap["mean"], gap_low=gap["low"], gap_high=gap["high"])
+            except ValueError:
+                pass
         if costs and method in costs:
             row.update({k: costs[method][k] for k in ("optimizer_bytes", "checkpoint_bytes", "checkpoint_what")})
         rows.append(row)
@@ -287,7 +330,7 @@ def results_json(results: dict, costs: dict | None = None) -> dict:
     return {"profile": vars(results["profile"]), "backbone": results["backbone"], "device": results["device"],
             "seeds": results["seeds"], "lrs": results["lrs"], "head_lr": results["head_lr"],
             "n_train": results["n_train"], "n_val": results["n_val"], "n_test": results["n_test"],
-            "summary": summary_rows(results, costs), "costs": costs,
+            "test_labels": list(results["test_labels"]), "summary": summary_rows(results, costs), "costs": costs,
             "sweep": {m: [r.metrics() for r in rs] for m, rs in results["sweep"].items()},
             "runs": {m: [r.metrics() for r in rs] for m, rs in results["runs"].items()},
             "control": None if not results.get("control") else
@@ -303,18 +346,38 @@ def _human_bytes(n: float) -> str:
         n /= 1000
 
 
+def _interval(low, high, digits: int = 3) -> str:
+    return "" if low is None else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 def results_table(rows) -> str:
-    """A markdown table, one row per method (``summary_rows``, or the ``summary`` of a saved JSON)."""
+    """A markdown table, one row per method (``summary_rows``): accuracy over seeds; against full fine-tuning the
+    mean seed-level difference, its 95% interval and verdict, the share of the head -> full gap recovered, and
+    McNemar's p per seed (a per-model test, not the verdict)."""
+    margin = next((r["margin"] for r in rows if "margin" in r), EQUIVALENCE_MARGIN)
     lines = ["| method | trainable | rate (method / head) | test accuracy, mean ± sd | per seed "
-             "| vs full: difference, McNemar p per seed | verdict |",
-             "|---|---:|---|---:|---|---|---|"]
+             f"| vs full: mean difference [95% interval] | verdict (margin ±{margin:g}) | gap recovered [95%] "
+             "| McNemar p per seed |",
+             "|---|---:|---|---:|---|---|---|---|---|"]
     for r in rows:
-        vs = (f"{r['difference'][0]:+.3f} ± {r['difference'][1]:.3f}; "
-              + ", ".join(f"{p:.2g}" for p in r["mcnemar_p"])) if "verdict" in r else ""
+        vs = f"{r['difference']:+.3f} {_interval(r['low'], r['high'])}" if "verdict" in r else ""
+        gap = f"{r['gap']:.0%} [{r['gap_low']:.0%}, {r['gap_high']:.0%}]" if "gap" in r else ""
+        ps = ", ".join(f"{p:.2g}" for p in r.get("mcnemar_p", []))
         lines.append(f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_percent']:.2f}%) "
                      f"| {r['lr']:.0e} / {r['head_lr']:.0e} | {r['test_mean']:.3f} ± {r['test_sd']:.3f} "
-                     f"| {' '.join(f'{a:.3f}' for a in r['test_accuracy'])} | {vs} | {r.get('verdict', 'reference')} |")
+                     f"| {' '.join(f'{a:.3f}' for a in r['test_accuracy'])} | {vs} | {r.get('verdict', 'reference')} "
+                     f"| {gap} | {ps} |")
     return "\n".join(lines)
+
+
+def control_line(results: dict) -> str:
+    """One sentence on the same-configuration control (``control_comparison``), or "" without one."""
+    c = control_comparison(results)
+    if c is None:
+        return ""
+    return (f"Control: `{c['method']}` seeds {c['seeds_a']} against its seeds {c['seeds_b']} (one configuration): "
+            f"{c['mean']:+.3f} {_interval(c['low'], c['high'])}, verdict {c['verdict']}. "
+            "Differences between methods that this much chance could make are not evidence.")
 
 
 def _runs_json(results: dict, key: str) -> dict:

@@ -170,3 +170,31 @@ def lora_variant(targets, r: int, alpha: float | None = None, profile: Profile |
     dropout = (profile.lora_dropout if profile is not None else 0.1) if lora_dropout is None else lora_dropout
     return MethodSpec(name or f"{','.join(t.removesuffix('_lin') for t in targets)} r={r}", "lora",
                       targets=targets, r=r, lora_alpha=alpha, lora_dropout=dropout, rslora=rslora, init=init)
+
+
+# ------------------------------------------------------------------ the committed study (Tables 5 and 6)
+
+def section7_specs(model: nn.Module, profile: Profile, reference=("q_lin", "v_lin"), r: int = 8,
+                   ranks=(1, 64)) -> list[MethodSpec]:
+    """The LoRA variants of notebook 05's committed IMDb study, all at the paper's scale ``alpha / r``:
+
+    * which matrices at one parameter budget (the paper's Table 5): the budget of ``reference`` at rank
+      ``r`` (W_q, W_v at r = 8), spent on each ``TARGET_SETS`` choice at ``rank_for_budget``;
+    * which rank (Table 6): ``reference`` at each of ``ranks`` (``r`` itself is in the first list);
+    * PiSSA (``init="pissa"``) on ``reference`` at rank ``r``.
+
+    Every variant gets its own learning rate from a sweep on validation (``compare.compare_methods``), so
+    the scale ``alpha / r`` is not a confound: with Adam, a constant factor on the update is a factor on
+    the learning rate, which the sweep chooses ("LoRA Without Regret" finds that under ``alpha / r`` the best
+    rate hardly depends on r). Dropout is the profile's (``study_profile`` sets 0; PiSSA needs 0).
+    """
+    budget = lora_param_count(model, reference, r)
+    out = []
+    for label, targets in TARGET_SETS.items():
+        rank = rank_for_budget(model, targets, budget)
+        out.append(lora_variant(targets, rank, profile=profile, name=f"{label} r={rank}"))
+    label = ",".join(t.removesuffix("_lin") for t in reference)
+    out += [lora_variant(reference, k, profile=profile, name=f"{label} r={k}") for k in ranks]
+    out.append(lora_variant(reference, r, profile=profile, init="pissa", name=f"{label} r={r} PiSSA"))
+    return out
+
