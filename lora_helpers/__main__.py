@@ -309,7 +309,7 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return 1
     wall = time.perf_counter() - start
     rows = summary_rows(results, reference=specs[2].name)
-    print(results_table(rows).replace("vs full", f"vs {specs[2].name}"))
+    print(results_table(rows))
     print(control_line(results))
     saved = results_json(results)
     saved["summary"] = rows

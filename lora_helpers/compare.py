@@ -351,12 +351,13 @@ def _interval(low, high, digits: int = 3) -> str:
 
 
 def results_table(rows) -> str:
-    """A markdown table, one row per method (``summary_rows``): accuracy over seeds; against full fine-tuning the
+    """A markdown table, one row per method (``summary_rows``): accuracy over seeds; against the reference the
     mean seed-level difference, its 95% interval and verdict, the share of the head -> full gap recovered, and
     McNemar's p per seed (a per-model test, not the verdict)."""
     margin = next((r["margin"] for r in rows if "margin" in r), EQUIVALENCE_MARGIN)
+    reference = next((r["vs"] for r in rows if "vs" in r), "full")
     lines = ["| method | trainable | rate (method / head) | test accuracy, mean ± sd | per seed "
-             f"| vs full: mean difference [95% interval] | verdict (margin ±{margin:g}) | gap recovered [95%] "
+             f"| vs {reference}: mean difference [95% interval] | verdict (margin ±{margin:g}) | gap recovered [95%] "
              "| McNemar p per seed |",
              "|---|---:|---|---:|---|---|---|---|---|"]
     for r in rows:
