@@ -309,8 +309,8 @@ def summary_rows(results: dict, costs: dict | None = None, reference: str = "ful
                "trainable_percent": rs[0]["trainable_percent"], "steps": rs[0]["train_steps"]}
         if reference in runs and method != reference:
             vs = compare_runs(rs, runs[reference], results["n_test"], margin)
-            row.update(vs=reference, difference=vs["mean"], low=vs["low"], high=vs["high"], verdict=vs["verdict"],
-                       margin=margin)
+            row.update(vs=reference, difference=vs["mean"], difference_sd=vs["sd"], low=vs["low"], high=vs["high"],
+                       verdict=vs["verdict"], margin=margin)
             if method in tests:
                 row["mcnemar_p"] = [t["p_value"] for t in tests[method]]
         if reference == "full" and "full" in runs and "head" in runs and method not in ("head", "full"):

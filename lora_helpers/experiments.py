@@ -198,3 +198,32 @@ def section7_specs(model: nn.Module, profile: Profile, reference=("q_lin", "v_li
     out.append(lora_variant(reference, r, profile=profile, init="pissa", name=f"{label} r={r} PiSSA"))
     return out
 
+
+# What the papers found, as (variant a, variant b, the finding, what it predicts for a against b). The verdicts come
+# from ``stats.seed_verdict``; ``claim_reading`` says whether a verdict agrees with the prediction.
+SECTION7_CLAIMS = [
+    ("head", "q,v r=8", "LoRA adds to a trained head (the premise)", "worse"),
+    ("q r=16", "q,v r=8", "W_q alone is worse at one budget (Table 5)", "worse"),
+    ("v r=16", "q,v r=8", "W_v alone is about as good (Table 5)", "same"),
+    ("q,k,v,o r=4", "q,v r=8", "all four attention matrices are as good or better (Table 5)", "not worse"),
+    ("q,k,v,o,ffn r=2", "q,v r=8", "every Linear, MLP included, is as good or better (QLoRA; LoRA Without Regret)",
+     "not worse"),
+    ("q,v r=1", "q,v r=8", "r = 1 is nearly as good (Table 6)", "same"),
+    ("q,v r=64", "q,v r=8", "r = 64 is no better (Table 6)", "not better"),
+    ("q,v r=8 PiSSA", "q,v r=8", "PiSSA ends better (Meng et al. 2024)", "better"),
+]
+
+_AGREES = {"worse": {"worse"}, "better": {"better"}, "same": {"equivalent"}, "not worse": {"better", "equivalent"},
+           "not better": {"worse", "equivalent"}}
+
+
+def claim_reading(expected: str, verdict: str) -> str:
+    """"consistent" / "differs" / "not resolved (...)": a seed-level verdict read against a published prediction."""
+    if verdict == "unstable":
+        return "not resolved (a seed at chance)"
+    if verdict == "no verdict":
+        return "not resolved (one seed)"
+    if verdict == "inconclusive":
+        return "not resolved (the interval is too wide)"
+    return "consistent" if verdict in _AGREES[expected] else "differs"
+

@@ -163,3 +163,15 @@ def gap_recovered(runs: list, full_runs: list, head_runs: list, confidence: floa
     if not shares:
         raise ValueError("no seed where full fine-tuning beats head-only: the gap is undefined")
     return {**t_interval(shares, confidence), "shares": shares}
+
+
+def seeds_needed(sd: float, margin: float = EQUIVALENCE_MARGIN, mean: float = 0.0, confidence: float = 0.95,
+                 most: int = 1000) -> int | None:
+    """How many seeds the interval needs to fit inside ``±margin``, if the seed-level differences have this ``sd``
+    and ``mean``: the smallest n with ``|mean| + t(n - 1) sd / sqrt(n) < margin`` (None: not within ``most``)."""
+    if abs(mean) >= margin:
+        return None
+    for n in range(2, most + 1):
+        if abs(mean) + t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) < margin:
+            return n
+    return None

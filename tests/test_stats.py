@@ -104,3 +104,12 @@ def test_gap_recovered_known_answer():
     assert out["mean"] == pytest.approx(0.5) and out["shares"] == pytest.approx([0.5] * 3)
     with pytest.raises(ValueError, match="undefined"):
         gap_recovered(half, head, head)
+
+
+def test_seeds_needed_by_hand():
+    from lora_helpers.stats import seeds_needed
+    # sd 0.02, margin 0.02: t(n-1) / sqrt(n) < 1 first at n = 7 (2.447 / 2.646 = 0.925; n = 6: 2.571 / 2.449 = 1.05)
+    assert seeds_needed(0.02, 0.02) == 7
+    assert seeds_needed(0.01, 0.02, mean=0.025) is None
+    n = seeds_needed(0.03, 0.02, mean=0.005)
+    assert t_quantile(0.975, n - 1) * 0.03 / n ** 0.5 + 0.005 < 0.02 <= t_quantile(0.975, n - 2) * 0.03 / (n - 1) ** 0.5 + 0.005
