@@ -238,13 +238,13 @@ def paired(runs_a: list, runs_b: list, labels) -> list[dict]:
     how much another seed would change either, so it is not a verdict on the methods (``stats.seed_verdict``).
     ``[{"seed", "a_only", "b_only", "p_value", "accuracy_difference"}]``, one per seed the two share.
     """
-    runs_a, runs_b = [_metrics(r) for r in runs_a], [_metrics(r) for r in runs_b]
-    by_seed = {b["seed"]: b for b in runs_b}
-    shared = [a for a in runs_a if a["seed"] in by_seed]
+    seed = lambda r: r["seed"] if isinstance(r, dict) else r.seed  # noqa: E731
+    predictions = lambda r: r["test_predictions"] if isinstance(r, dict) else r.test["predictions"]  # noqa: E731
+    by_seed = {seed(b): b for b in runs_b}
+    shared = [a for a in runs_a if seed(a) in by_seed]
     if not shared:
-        raise ValueError(f"no seed in common: {[a['seed'] for a in runs_a]} against {sorted(by_seed)}")
-    return [{"seed": a["seed"], **mcnemar(a["test_predictions"], by_seed[a["seed"]]["test_predictions"], labels)}
-            for a in shared]
+        raise ValueError(f"no seed in common: {[seed(a) for a in runs_a]} against {sorted(by_seed)}")
+    return [{"seed": seed(a), **mcnemar(predictions(a), predictions(by_seed[seed(a)]), labels)} for a in shared]
 
 
 def _metrics(run) -> dict:

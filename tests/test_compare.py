@@ -85,7 +85,7 @@ def test_cli_has_a_compare_subcommand():
 def test_paired_pairs_runs_by_seed_and_counts_disagreements_by_hand():
     from types import SimpleNamespace
 
-    from lora_helpers.compare import paired, verdict
+    from lora_helpers.compare import paired
 
     labels = [1, 0, 1, 1, 0, 0, 1, 0]
 
@@ -101,6 +101,31 @@ def test_paired_pairs_runs_by_seed_and_counts_disagreements_by_hand():
     assert (tests[1]["a_only"], tests[1]["b_only"]) == (0, 2)
     assert tests[0]["p_value"] == pytest.approx(2 * 0.5 ** 3)  # exact two-sided binomial, b + c = 3
     assert tests[0]["accuracy_difference"] == pytest.approx(3 / 8)
-    assert verdict(tests) == "within noise"  # opposite signs, neither significant
     with pytest.raises(ValueError, match="no seed in common"):
         paired(a, runs((5, labels)), labels)
+
+
+def test_grid_extend_and_control_options_are_checked_before_anything_trains(capsys):
+    from lora_helpers.__main__ import build_parser, main
+
+    args = build_parser().parse_args(["compare", "--sweep", "--extend-grid", "--grid", "full=1e-4,3e-4",
+                                      "--grid", "lora=1e-3", "--control", "lora"])
+    assert dict(args.grid) == {"full": (1e-4, 3e-4), "lora": (1e-3,)} and args.extend_grid and args.control == "lora"
+    for bad, message in ((["--grid", "full=1e-4"], "add --sweep"),
+                         (["--sweep", "--grid", "full=1e-4", "--methods", "lora"], "does not compare"),
+                         (["--control", "full", "--methods", "lora"], "must be one of --methods")):
+        with pytest.raises(SystemExit):
+            main(["compare", *bad, "--out", "/nonexistent-dir/x.json"])
+        assert message in capsys.readouterr().err
+    for bad in (["--grid", "qlora=1e-3"], ["--grid", "full="], ["--grid", "full=-1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["compare", "--sweep", *bad])
+
+
+def test_study_command_parses():
+    from lora_helpers.__main__ import build_parser
+
+    args = build_parser().parse_args(["study", "--profile", "quick", "--n-train", "1000", "--seeds", "3"])
+    assert args.func.__name__ == "_cmd_study" and args.grid == [1e-3, 3e-3, 1e-2] and args.n_train == 1000
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "--seeds", "1"])  # one seed gives no verdict

@@ -12,7 +12,9 @@ from datasets import Dataset, DatasetDict
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
 from lora_helpers import get_profile, lora_layers
-from lora_helpers.compare import compare_methods, paired_tests, results_json, results_table, summary_rows, verdict
+from lora_helpers.compare import (compare_methods, control_comparison, next_rate, paired_tests, results_json,
+                                  results_table, summary_rows)
+from lora_helpers.stats import VERDICTS
 from lora_helpers.experiments import TARGET_SETS, lora_param_count, lora_variant
 from lora_helpers.loop import make_batches
 from lora_helpers.methods import method_spec
@@ -88,63 +90,15 @@ def test_mcnemar_known_answers():
         mcnemar([1], [1, 0], [1])
 
 
-def test_mean_sd_and_verdicts():
+def test_mean_sd():
     assert mean_sd([0.7, 0.8, 0.9]) == pytest.approx((0.8, 0.1))
     assert mean_sd([0.5]) == (0.5, 0.0)
-    sig_up = {"p_value": 0.01, "accuracy_difference": 0.05}
-    sig_down = {"p_value": 0.01, "accuracy_difference": -0.05}
-    noise = {"p_value": 0.3, "accuracy_difference": 0.05}
-    assert verdict([sig_up, sig_up]) == "better" and verdict([sig_down] * 3) == "worse"
-    assert verdict([sig_up, noise]) == "within noise" and verdict([sig_up, sig_down]) == "within noise"
 
 
-# ------------------------------------------------------------------ one run
-
-def test_run_lora_trains_only_lora_and_head_and_repeats_exactly(profile):
-    data = tiny_data()
-    spec = lora_variant(TARGET_SETS["q,v"], r=2, profile=profile)
-    res = run(spec, data, profile, seed=0, backbone=tiny_backbone, device="cpu", keep_model=True, test=True)
-    model = res.model
-    assert res.train_steps == len(res.losses) == 2 * 4 and all(math.isfinite(x) for x in res.losses)
-    assert [p["step"] for p in res.val_curve] == [3, 6, 8]
-    assert res.trainable_params == lora_param_count(model, ["q_lin", "v_lin"], 2) + 16 * 16 + 16 + 16 * 2 + 2
-    assert res.lr == profile.lr_lora and res.head_lr == profile.lr_head and res.test is not None
-    assert len(res.test["predictions"]) == data.n_test
-    for name, layer in lora_layers(model).items():  # the saved factors are the model's; B started at zero
-        torch.testing.assert_close(res.delta_weight(name), layer.delta_weight().detach())
-        assert res.initial_factors[name]["B"].abs().max() == 0 and res.factors[name]["B"].abs().max() > 0
-        torch.testing.assert_close(res.updates[f"{name}.weight"], layer.delta_weight().detach())
-    total = sum(layer.delta_weight().detach().square().sum() for layer in lora_layers(model).values())
-    assert res.update_norm() == pytest.approx(math.sqrt(total), rel=1e-5) and res.update_norm(initial=True) == 0
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all("lora_" in n or "classifier" in n for n in trained)
-    again = run(spec, data, profile, seed=0, backbone=tiny_backbone, device="cpu")
-    assert again.losses == res.losses and again.test is None  # same seed: the same run; no test unless asked
-    other = run(spec, data, profile, seed=1, backbone=tiny_backbone, device="cpu")
-    assert other.losses != res.losses
-
-
-def test_run_full_keeps_the_update_and_rslora_pissa_variants(profile):
-    data = tiny_data()
-    full = run(method_spec("full", profile), data, profile, backbone=tiny_backbone, device="cpu")
-    assert full.lr == profile.lr_full and full.trainable_percent == 100.0
-    assert len(full.updates) == 4 and all(dW.norm() > 0 for dW in full.updates.values())  # q, v of 2 layers
-    rs = run(lora_variant(["q_lin"], r=4, alpha=8, rslora=True), data, profile, backbone=tiny_backbone,
-             device="cpu", keep_model=True)
-    assert all(layer.scaling == pytest.approx(8 / math.sqrt(4)) for layer in lora_layers(rs.model).values())
-    pissa = run(lora_variant(["q_lin"], r=4, init="pissa", lora_dropout=0.0), data, profile, backbone=tiny_backbone,
-                device="cpu")
-    assert all(f["B"].abs().max() > 0 for f in pissa.initial_factors.values())  # B A starts at W's principal part
-
-
-def test_sweep_picks_the_best_validation_run(profile):
-    data = tiny_data()
-    results = sweep(method_spec("head", profile), data, profile, [1e-4, 5e-2], backbone=tiny_backbone,
-                    device="cpu", verbose=False)
-    assert [r.lr for r in results] == [1e-4, 5e-2] and all(r.test is None for r in results)
-    assert [r.head_lr for r in results] == [1e-4, 5e-2]  # head only: the head is the method
-    best = best_run(results)
-    assert best.val_accuracy == max(r.val_accuracy for r in results)
+def test_next_rate_walks_the_half_decade_grid():
+    assert next_rate(3e-3, up=True) == pytest.approx(1e-2) and next_rate(1e-3, up=True) == pytest.approx(3e-3)
+    assert next_rate(1e-3, up=False) == pytest.approx(3e-4) and next_rate(3e-4, up=False) == pytest.approx(1e-4)
+    assert next_rate(1e-4, up=True) == pytest.approx(3e-4)
 
 
 # ------------------------------------------------------------------ the comparison
@@ -169,10 +123,46 @@ def test_compare_methods_tunes_seeds_and_tests_once(profile):
         assert t["accuracy_difference"] == pytest.approx(a.test_accuracy - b.test_accuracy)
     rows = summary_rows(results)
     assert rows[1]["test_mean"] == pytest.approx(np.mean([r.test_accuracy for r in runs["lora"]]))
-    assert rows[0].get("verdict") is None and rows[1]["verdict"] in ("better", "worse", "within noise")
+    assert rows[0].get("verdict") is None and rows[1]["verdict"] in VERDICTS
+    assert rows[1]["difference"] == pytest.approx(np.mean([t["accuracy_difference"] for t in tests["lora"]]))
     table = results_table(rows).splitlines()
     assert len(table) == 5 and table[2].startswith("| full |")
     saved = results_json(results)
     assert saved["summary"][1]["method"] == "lora" and len(saved["runs"]["lora"][0]["test_predictions"]) == 16
     with pytest.raises(ValueError, match="unknown methods"):
         compare_methods(profile, methods=("qlora",), data=data, backbone=tiny_backbone)
+
+
+def test_an_edge_optimum_grows_the_grid_and_the_control_reruns_the_configuration(profile):
+    """A grid whose best rate sits at its edge grows past it; the control is the same method with new seeds."""
+    data = tiny_data()
+    results = compare_methods(profile, methods=("lora", "head"), seeds=(0, 1), lrs={"lora": [1e-6, 3e-6]},
+                              data=data, backbone=tiny_backbone, device="cpu", verbose=False, extend_grid=True,
+                              control="lora")
+    tried = sorted(r.lr for r in results["sweep"]["lora"])
+    chosen = results["lrs"]["lora"]
+    # a rate that tiny learns nothing, so the best is the largest until the grid has grown past it
+    assert len(tried) > 2 and tried[:2] == pytest.approx([1e-6, 3e-6])
+    assert chosen != tried[0] and (chosen != tried[-1] or len(tried) == 5)  # inside, or the growth limit reached
+    control = results["control"]
+    assert control["method"] == "lora" and [r.seed for r in control["runs"]] == [2, 3]
+    assert all(r.lr == chosen and r.test is not None for r in control["runs"])
+    c = control_comparison(results)
+    assert c["seeds_a"] == [2, 3] and c["seeds_b"] == [0, 1] and c["verdict"] in VERDICTS
+    saved = results_json(results)
+    assert saved["control"]["method"] == "lora" and len(saved["control"]["runs"]) == 2
+    assert control_comparison(saved)["mean"] == pytest.approx(c["mean"])  # the saved JSON gives the same answer
+    with pytest.raises(ValueError, match="control"):
+        compare_methods(profile, methods=("lora",), control="full", data=data, backbone=tiny_backbone)
+
+
+def test_variants_race_under_their_own_names(profile):
+    from lora_helpers.experiments import lora_variant
+
+    spec = lora_variant(("q_lin",), 2, profile=profile, name="q r=2")
+    results = compare_methods(profile, methods=("head", spec), seeds=(0,), data=tiny_data(), backbone=tiny_backbone,
+                              device="cpu", verbose=False)
+    assert list(results["runs"]) == ["head", "q r=2"] and results["runs"]["q r=2"][0].lora_layers > 0
+    rows = summary_rows(results, reference="q r=2")
+    assert rows[0]["verdict"] == "no verdict"  # one seed
+
