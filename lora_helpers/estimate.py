@@ -68,11 +68,11 @@ DEVICES = {
                  "65 TFLOPS fp16 tensor-core peak (NVIDIA T4 datasheet) x 20% assumed utilisation"),
     "A100": Device("NVIDIA A100", 312 * GPU_UTILISATION,
                    "312 TFLOPS bf16 dense peak (NVIDIA A100 datasheet) x 20% assumed utilisation"),
-    # Measured on the 2-core CI machine (torch, 2 threads, stand-in, 16 x 128 tokens): lora_helpers/results/compare-cpu.json,
-    # each method's FLOPs per step (this module) over its median s/step; evaluation from the run's wall time
-    # less its training time. Recomputed by tests/test_estimate.py.
+    # Measured on a quiet 2-core AMD EPYC (torch, 2 threads, stand-in, 16 x 128 tokens) in the cpu comparison run kept
+    # as results/compare-cpu-timing-epyc.json: each method's FLOPs per step (this module) over its median s/step;
+    # evaluation from the run's wall time less its training time. Recomputed by tests/test_estimate.py.
     "ci-cpu": Device("the 2-core CI CPU (torch, 2 threads)", 0.109,
-                     "measured: lora_helpers/results/compare-cpu.json (FLOPs of this module / seconds)",
+                     "measured: a quiet cpu comparison run (FLOPs of this module / seconds)",
                      per_kind={"full": 0.084, "lora": 0.072, "head": 0.067}),
 }
 

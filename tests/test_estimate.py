@@ -82,7 +82,10 @@ def test_the_standin_shape_is_the_standin():
 
 
 def test_the_cpu_rates_are_the_committed_runs_rates():
-    committed = json.loads((RESULTS / "compare-cpu.json").read_text())
+    # the quiet cpu run the rates were measured on (AMD EPYC, nothing else running); the package's compare-cpu.json
+    # is a later run whose timings were taken beside other work
+    committed = json.loads((Path(__file__).resolve().parent.parent / "results" / "compare-cpu-timing-epyc.json")
+                           .read_text())
     assert committed["backbone"].startswith("minilm-standin") and "2 cores" in committed["machine"]
     measured = measured_rates(committed)
     cpu = DEVICES["ci-cpu"]
