@@ -17,10 +17,12 @@ module                introduced in
 ``estimate``          the command line (FLOPs and time of a run on a T4, an A100 or a CPU)
 ``loop``              03_lora_distilbert_imdb (the training loop ``train``, evaluate, predict)
 ``analysis``          04_lora_vs_full_finetuning; 05_rank_and_what_lora_learns
-``methods``           04_lora_vs_full_finetuning (the method registry: full, lora, lora-all, head)
+``methods``           04_lora_vs_full_finetuning (the method registry: full, lora, lora-all, lora-nodrop, head)
 ``runner``            04_lora_vs_full_finetuning (one training run of any method; sweeps; McNemar)
 ``compare``           04_lora_vs_full_finetuning
+``stats``             04_lora_vs_full_finetuning (seed-level verdicts, equivalence margin, gap recovered)
 ``experiments``       05_rank_and_what_lora_learns
+``planted``           05_rank_and_what_lora_learns (a planted update: a task with a known answer)
 ``peft_interop``      06_adapters_in_practice
 ``memory``            06_adapters_in_practice (what fits, checkpointing: 07)
 ``quant``             07_bigger_models (NF4, NF4Linear: QLoRA from scratch)
