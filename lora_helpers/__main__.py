@@ -257,7 +257,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     start = time.perf_counter()
     try:
         results = compare_methods(profile, methods=args.methods, seeds=range(args.seeds), lrs=lrs, device=args.device,
-                                  extend_grid=args.extend_grid, control=args.control)
+                                  extend_grid=args.extend_grid, control=args.control, sweep_seed=args.sweep_seed)
         costs = method_costs(profile, args.methods)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -265,8 +265,8 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     wall = time.perf_counter() - start
     print(f"\n{results['backbone']}, device {results['device']}; {results['n_train']:,} training, "
           f"{results['n_val']:,} validation, {results['n_test']:,} test reviews; {args.seeds} seeds\n")
+    _save_run(results_json(results, costs), out, args, wall)  # saved first: a failure below loses nothing
     print(results_table(summary_rows(results, costs)))
-    _save_run(results_json(results, costs), out, args, wall)
     return 0
 
 
@@ -302,18 +302,18 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         del model
         grid = tuple(args.grid)
         lrs = {"head": grid, **{s.name: grid for s in specs}}
+        reference = next(s.name for s in specs if s.name == f"q,v r={profile.r}")  # W_q, W_v at the profile's r
         results = compare_methods(profile, methods=["head", *specs], seeds=range(args.seeds), lrs=lrs,
-                                  device=args.device, extend_grid=True, control=specs[2].name)
+                                  device=args.device, extend_grid=True, control=reference,
+                                  sweep_seed=args.sweep_seed)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
-    rows = summary_rows(results, reference=specs[2].name)
-    print(results_table(rows))
-    print(control_line(results))
+    rows = summary_rows(results, reference=reference)
     saved = results_json(results)
     saved["summary"] = rows
-    saved["reference"] = specs[2].name
+    saved["reference"] = reference
     saved["specs"] = {s.name: {"targets": list(s.targets), "r": s.r, "lora_alpha": s.lora_alpha,
                                "lora_dropout": s.lora_dropout, "init": s.init, "rslora": s.rslora} for s in specs}
     _save_run(saved, out, args, wall)
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--extend-grid", action="store_true",
                          help="with --sweep: while a method's best rate is at the edge of its grid, try the next "
                               "rate beyond it (half a decade; at most 3 more)")
+    compare.add_argument("--sweep-seed", type=_int_at_least(0), metavar="S",
+                         help="with --sweep: tune on seed S, never tested, and train every tested seed afresh "
+                              "(default: tune on the first seed and reuse its best run)")
     compare.add_argument("--control", choices=list(METHODS), metavar="METHOD",
                          help="train METHOD again with as many new seeds: the same-configuration noise yardstick")
     add_profile_arguments(compare)
@@ -386,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "plus head only and a second group of seeds of W_q, W_v r = 8 (the noise "
                                        "yardstick). Settings: experiments.study_profile, then the overrides.")
     study.add_argument("--seeds", type=_int_at_least(2), default=3, metavar="N", help="seeds per variant (default 3)")
+    study.add_argument("--sweep-seed", type=_int_at_least(0), default=100, metavar="S",
+                       help="the seed the learning rates are tuned with, never tested (default: 100)")
     study.add_argument("--grid", type=_positive_float, nargs="+", default=[1e-3, 3e-3, 1e-2], metavar="LR",
                        help="learning rates every variant and the head start from (default: 1e-3 3e-3 1e-2)")
     add_profile_arguments(study)

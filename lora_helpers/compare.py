@@ -117,16 +117,16 @@ def next_rate(lr: float, up: bool) -> float:
     """The next rate of the half-decade grid ``1, 3, 10, 30, ...`` (times a power of ten) above or below ``lr``."""
     exponent = math.floor(math.log10(lr) + 1e-9)
     mantissa = lr / 10 ** exponent  # 1 or 3 on the grid
-    if up:
-        return (3 if mantissa < 2 else 10) * 10 ** exponent
-    return (1 if mantissa > 2 else 0.3) * 10 ** exponent
+    nxt = ((3 if mantissa < 2 else 10) if up else (1 if mantissa > 2 else 0.3)) * 10 ** exponent
+    return float(f"{nxt:.0e}")  # 3e-05, not 2.9999999999999997e-05
 
 
-def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone, verbose, max_extra: int = 3) -> list:
+def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone, verbose, max_extra: int = 4) -> list:
     """``runner.sweep`` over ``lrs``, then one more rate beyond the edge while the best is at an edge of the grid.
 
     A rate chosen at the edge of its grid may be under- or over-tuned: the grid grows (half a decade at a
-    time, at most ``max_extra`` rates) until the best validation accuracy has a tried rate on each side.
+    time) until the best validation accuracy has a tried rate on each side, or ``max_extra`` rates were
+    added (then the choice stays at the edge; ``grid_edges`` reports it).
     """
     runs = sweep(spec, data, profile, sorted(lrs), seed=seed, head_lr=head_lr, device=device, backbone=backbone,
                  verbose=verbose)
@@ -145,15 +145,17 @@ def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone,
 
 def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds=(0, 1, 2), lrs: dict | None = None,
                     data=None, device=None, backbone=None, verbose: bool = True, extend_grid: bool = False,
-                    control: str | None = None) -> dict:
+                    control: str | None = None, sweep_seed: int | None = None) -> dict:
     """Train each method with each seed on the same reviews; test each once, at the end.
 
     ``methods``: names from ``methods.METHODS`` or ``MethodSpec`` variants (named by their ``name``).
     ``lrs`` (optional): ``{method: [learning rates]}`` to choose each method's own rate on the
     validation split at ``seeds[0]``. If ``"head"`` is swept, it goes first and its best rate
     becomes the head rate of every method (each method trains the same new head alike). The
-    winning sweep run is reused as that method's ``seeds[0]`` run. Methods not swept use the
-    profile's rates. ``extend_grid``: grow a grid whose best rate sits at its edge (``extended_sweep``).
+    winning sweep run is reused as that method's ``seeds[0]`` run, which saves a run but makes that
+    seed a selected one (its test accuracy is biased up a little, more so with more rates tried);
+    ``sweep_seed``: sweep with this seed instead, one that is never tested, and train every seed
+    afresh. Methods not swept use the profile's rates. ``extend_grid``: grow a grid whose best rate sits at its edge (``extended_sweep``).
     ``control``: one of ``methods`` trained again with as many new seeds (``seeds`` shifted past the
     last), at its chosen rate: two groups of seeds of one configuration, the noise yardstick of the
     seed-level verdicts (``control_comparison``). ``data``: a ``TokenizedData`` (default: ``load_splits``
@@ -175,6 +177,9 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
     seeds = list(seeds)
     if not seeds:
         raise ValueError("need at least one seed")
+    if sweep_seed is not None and (sweep_seed in seeds or sweep_seed < 0):
+        raise ValueError(f"sweep_seed {sweep_seed} must be a seed that is never tested (not one of {seeds})")
+    tune_seed = seeds[0] if sweep_seed is None else sweep_seed
     device = get_device() if device is None else torch.device(device)
     if data is None:
         _, tokenizer, _ = (backbone or load_backbone)(profile.backbone, seed=profile.seed, verbose=verbose)
@@ -187,12 +192,12 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
         first = None
         if method in lrs:
             if verbose:
-                print(f"-- {method}: learning-rate sweep {lrs[method]} on the validation split (seed {seeds[0]})")
+                print(f"-- {method}: learning-rate sweep {lrs[method]} on the validation split (seed {tune_seed})")
             if extend_grid:
-                swept[method] = extended_sweep(spec, data, profile, lrs[method], seed=seeds[0], head_lr=head_lr,
+                swept[method] = extended_sweep(spec, data, profile, lrs[method], seed=tune_seed, head_lr=head_lr,
                                                device=device, backbone=backbone, verbose=verbose)
             else:
-                swept[method] = sweep(spec, data, profile, lrs[method], seed=seeds[0], head_lr=head_lr,
+                swept[method] = sweep(spec, data, profile, lrs[method], seed=tune_seed, head_lr=head_lr,
                                       device=device, backbone=backbone, verbose=verbose)
             first = best_run(swept[method])
             if method == "head":
@@ -205,7 +210,7 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
             print(f"-- {method}: {len(seeds)} seeds at the chosen rate, each scored on the test split once")
         runs[method] = []
         for seed in seeds:
-            if first is not None and seed == seeds[0]:
+            if first is not None and seed == tune_seed:
                 result = score_test(first, data)
                 result.model = None
                 if verbose:
@@ -214,6 +219,8 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
                 result = run(spec, data, profile, seed=seed, lr=chosen[method], head_lr=head_lr, test=True,
                              device=device, backbone=backbone, verbose=verbose)
             runs[method].append(result)
+        if first is not None:
+            first.model = None  # a sweep seed that is never tested: its model is not needed any more
         chosen[method] = runs[method][0].lr
     control_runs = None
     if control is not None:
@@ -227,6 +234,7 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
     backbone = next(iter(runs.values()))[0].backbone
     return {"profile": profile, "backbone": backbone, "device": str(device), "lrs": chosen, "head_lr": head_lr,
             "sweep": swept, "runs": {m: runs[m] for m in methods}, "seeds": seeds, "control": control_runs,
+            "sweep_seed": tune_seed,
             "test_labels": list(data.test_labels), "n_train": data.n_train, "n_val": data.n_val,
             "n_test": data.n_test}
 
@@ -310,7 +318,7 @@ def summary_rows(results: dict, costs: dict | None = None, reference: str = "ful
         if reference in runs and method != reference:
             vs = compare_runs(rs, runs[reference], results["n_test"], margin)
             row.update(vs=reference, difference=vs["mean"], difference_sd=vs["sd"], low=vs["low"], high=vs["high"],
-                       verdict=vs["verdict"], margin=margin)
+                       verdict=vs["verdict"], direction=vs["direction"], margin=margin)
             if method in tests:
                 row["mcnemar_p"] = [t["p_value"] for t in tests[method]]
         if reference == "full" and "full" in runs and "head" in runs and method not in ("head", "full"):
@@ -328,7 +336,8 @@ def summary_rows(results: dict, costs: dict | None = None, reference: str = "ful
 def results_json(results: dict, costs: dict | None = None) -> dict:
     """The JSON-serialisable part of ``compare_methods``' result: settings, summary, every run's metrics."""
     return {"profile": vars(results["profile"]), "backbone": results["backbone"], "device": results["device"],
-            "seeds": results["seeds"], "lrs": results["lrs"], "head_lr": results["head_lr"],
+            "seeds": results["seeds"], "sweep_seed": results.get("sweep_seed"), "lrs": results["lrs"],
+            "head_lr": results["head_lr"],
             "n_train": results["n_train"], "n_val": results["n_val"], "n_test": results["n_test"],
             "test_labels": list(results["test_labels"]), "summary": summary_rows(results, costs), "costs": costs,
             "sweep": {m: [r.metrics() for r in rs] for m, rs in results["sweep"].items()},
@@ -350,6 +359,13 @@ def _interval(low, high, digits: int = 3) -> str:
     return "" if low is None else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
+def _verdict_text(row: dict) -> str:
+    """The verdict, with the direction when an "equivalent" interval also excludes 0 ("equivalent, worse")."""
+    if "verdict" not in row:
+        return "reference"
+    return row["verdict"] + (f", {row['direction']}" if row.get("direction") and row["verdict"] == "equivalent" else "")
+
+
 def results_table(rows) -> str:
     """A markdown table, one row per method (``summary_rows``): accuracy over seeds; against the reference the
     mean seed-level difference, its 95% interval and verdict, the share of the head -> full gap recovered, and
@@ -362,11 +378,12 @@ def results_table(rows) -> str:
              "|---|---:|---|---:|---|---|---|---|---|"]
     for r in rows:
         vs = f"{r['difference']:+.3f} {_interval(r['low'], r['high'])}" if "verdict" in r else ""
-        gap = f"{r['gap']:.0%} [{r['gap_low']:.0%}, {r['gap_high']:.0%}]" if "gap" in r else ""
+        gap = "" if "gap" not in r else (f"{r['gap']:.0%}" + ("" if r["gap_low"] is None
+                                                          else f" [{r['gap_low']:.0%}, {r['gap_high']:.0%}]"))
         ps = ", ".join(f"{p:.2g}" for p in r.get("mcnemar_p", []))
         lines.append(f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_percent']:.2f}%) "
                      f"| {r['lr']:.0e} / {r['head_lr']:.0e} | {r['test_mean']:.3f} ± {r['test_sd']:.3f} "
-                     f"| {' '.join(f'{a:.3f}' for a in r['test_accuracy'])} | {vs} | {r.get('verdict', 'reference')} "
+                     f"| {' '.join(f'{a:.3f}' for a in r['test_accuracy'])} | {vs} | {_verdict_text(r)} "
                      f"| {gap} | {ps} |")
     return "\n".join(lines)
 

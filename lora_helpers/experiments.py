@@ -183,10 +183,11 @@ def section7_specs(model: nn.Module, profile: Profile, reference=("q_lin", "v_li
     * which rank (Table 6): ``reference`` at each of ``ranks`` (``r`` itself is in the first list);
     * PiSSA (``init="pissa"``) on ``reference`` at rank ``r``.
 
-    Every variant gets its own learning rate from a sweep on validation (``compare.compare_methods``), so
-    the scale ``alpha / r`` is not a confound: with Adam, a constant factor on the update is a factor on
-    the learning rate, which the sweep chooses ("LoRA Without Regret" finds that under ``alpha / r`` the best
-    rate hardly depends on r). Dropout is the profile's (``study_profile`` sets 0; PiSSA needs 0).
+    Every variant gets its own learning rate from a sweep on validation (``compare.compare_methods``), which
+    removes most of the scale ``alpha / r`` as a confound: with Adam, a constant factor on the update acts
+    roughly like a factor on the learning rate (the LoRA paper, Section 4.1), up to the grid's resolution of
+    about 3x ("LoRA Without Regret" finds that under ``alpha / r`` the best rate hardly depends on r). Dropout
+    is the profile's (``study_profile`` sets 0; PiSSA needs 0).
     """
     budget = lora_param_count(model, reference, r)
     out = []
@@ -217,8 +218,14 @@ _AGREES = {"worse": {"worse"}, "better": {"better"}, "same": {"equivalent"}, "no
            "not better": {"worse", "equivalent"}}
 
 
-def claim_reading(expected: str, verdict: str) -> str:
-    """"consistent" / "differs" / "not resolved (...)": a seed-level verdict read against a published prediction."""
+def claim_reading(expected: str, verdict: str, direction: str | None = None) -> str:
+    """"consistent" / "differs" / "not resolved (...)": a seed-level verdict read against a published prediction.
+
+    An "equivalent" whose interval also excludes 0 (``direction``) is a small but real difference: it is consistent
+    with a prediction of that direction ("worse" / "better").
+    """
+    if verdict == "equivalent" and direction is not None and expected in ("worse", "better"):
+        return "consistent (a small difference)" if direction == expected else "differs"
     if verdict == "unstable":
         return "not resolved (a seed at chance)"
     if verdict == "no verdict":

@@ -4,7 +4,8 @@ On IMDb nobody knows the "true" update, so a short run cannot tell a finding fro
 Here we choose the answer first and check that LoRA finds it:
 
 * ``plant_update``: dW* = sum_i factor * s_i u_i v_i^T over chosen singular directions
-  (u_i, s_i, v_i) of a real pretrained W, directions W itself hardly uses (small s_i). So
+  (u_i, s_i, v_i) of a real pretrained W, from the middle of its spectrum (W uses them far
+  less than its top directions, more than random ones). So
   dW* has rank k = len(directions), its column space is known, and it *amplifies* those
   directions by exactly ``factor`` (the paper's Table 7 measure, ``||dW||_F / ||U^T W V||_F``);
 * ``regression_data``: inputs x (Gaussian, every direction seen equally) and targets
@@ -40,18 +41,29 @@ class PlantedUpdate:
         return self.U.shape[1]
 
 
-def plant_update(W: torch.Tensor, directions=(300, 320, 340, 360), factor: float = 20.0) -> PlantedUpdate:
-    """dW* = ``factor`` * U_k S_k V_k^T over W's singular ``directions`` (0 = W's strongest).
+def default_directions(d: int, k: int = 4) -> tuple[int, ...]:
+    """``k`` singular directions from the middle of a width-``d`` spectrum, ``d // 40`` apart (192, 201, ... at 384).
 
-    Choose directions W uses little (late indices): the paper found that dW amplifies directions
-    that W does not emphasise. ``||U_k^T W V_k||_F = ||S_k||``, so the amplification of dW* is
-    ``||dW*||_F / ||S_k|| = factor`` exactly.
+    The paper found that dW amplifies directions W does not emphasise, yet more than random ones do. In a
+    384-wide matrix random directions already catch a share ``k / d`` of W, so the planted directions come
+    from the middle of the spectrum: well below W's top directions and well above random ones.
+    """
+    step = max(1, d // 40)
+    return tuple(d // 2 + step * i for i in range(k))
+
+
+def plant_update(W: torch.Tensor, directions=None, factor: float = 20.0) -> PlantedUpdate:
+    """dW* = ``factor`` * U_k S_k V_k^T over W's singular ``directions`` (0 = W's strongest; default
+    ``default_directions``).
+
+    ``||U_k^T W V_k||_F = ||S_k||``, so the amplification of dW*, measured with its own k directions,
+    is ``||dW*||_F / ||S_k|| = factor`` exactly.
     """
     W64 = W.detach().double().cpu()
     U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
-    idx = list(directions)
+    idx = list(default_directions(min(W64.shape)) if directions is None else directions)
     if not idx or len(set(idx)) != len(idx) or not all(0 <= i < len(S) for i in idx):
-        raise ValueError(f"directions must be distinct indices in [0, {len(S) - 1}], got {directions!r}")
+        raise ValueError(f"directions must be distinct indices in [0, {len(S) - 1}], got {idx!r}")
     if not factor > 0:
         raise ValueError(f"factor must be positive, got {factor!r}")
     U_k, S_k, V_k = U[:, idx], S[idx], Vh[idx].T

@@ -12,11 +12,17 @@ configuration often differ "significantly" by McNemar, so it cannot say whether 
 * ``t_interval``: mean and 95% interval of those differences, Student's t over seeds
   (``t_quantile`` computes the quantile from the t density, no SciPy needed);
 * ``seed_verdict``: "better" / "worse" when the interval excludes 0; "equivalent" when it
-  lies inside ``±margin``, a margin stated before the run (``EQUIVALENCE_MARGIN``);
-  "unstable" when the seeds disagree (a run at chance beside runs that learned);
-  "inconclusive" otherwise; no verdict from one seed;
+  lies inside ``±margin``, a margin stated before the run (``EQUIVALENCE_MARGIN``); the
+  95% interval makes this two one-sided tests at 2.5% each, stricter than the usual TOST at
+  5% (a 90% interval); "unstable" when a seed failed to learn (a run at chance beside runs
+  that learned); "inconclusive" otherwise; no verdict from one seed;
 * ``gap_recovered``: the share of the head-only -> full fine-tuning gap that a method
   recovers, per seed, with its interval.
+
+The intervals are conditional on the test split: every seed is scored on the same test
+reviews (drawn once, with the profile's seed), so they cover what another seed would do,
+not which reviews were drawn. At the sizes of the committed runs the review-sampling part of
+a difference is a fraction of the seed part; with many seeds it would not be.
 
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``), used by ``compare`` and
 notebook 05.
@@ -28,7 +34,8 @@ import statistics
 from functools import lru_cache
 
 # "LoRA matches full fine-tuning" means: the 95% interval of the seed-level difference lies inside
-# ±2 accuracy points. Fixed before the committed runs were made; change it only with a new run.
+# ±2 accuracy points. Fixed before the committed cpu comparison and Section-7 study were run (the committed
+# quick comparison is older); change it only with new runs.
 EQUIVALENCE_MARGIN = 0.02
 
 VERDICTS = ("better", "worse", "equivalent", "inconclusive", "unstable", "no verdict")
@@ -120,10 +127,14 @@ def seed_verdict(differences, margin: float = EQUIVALENCE_MARGIN, confidence: fl
     learns at all: a group mixes runs at chance (``at_chance``, given the accuracies and ``n_test``) with runs that
     learned (its mean and interval then describe no typical run); "equivalent" when the interval lies inside
     ``±margin``; "better" / "worse" when it excludes 0; otherwise "inconclusive". Returns the ``t_interval`` with
-    ``verdict`` and ``margin``.
+    ``verdict``, ``margin`` and ``direction`` ("better" / "worse" whenever the interval excludes 0, so that an
+    "equivalent" that is also a small but real difference is not hidden; else None).
     """
     ci = t_interval(differences, confidence)
-    out = {**ci, "margin": margin, "confidence": confidence}
+    direction = None
+    if ci["low"] is not None and (ci["low"] > 0 or ci["high"] < 0):
+        direction = "better" if ci["low"] > 0 else "worse"
+    out = {**ci, "margin": margin, "confidence": confidence, "direction": direction}
     if ci["n"] < 2:
         return {**out, "verdict": "no verdict"}
     mixed = False
@@ -133,7 +144,7 @@ def seed_verdict(differences, margin: float = EQUIVALENCE_MARGIN, confidence: fl
             mixed = mixed or (any(flags) and not all(flags))
     if mixed:
         return {**out, "verdict": "unstable"}
-    if -margin < ci["low"] and ci["high"] < margin:
+    if -margin < ci["low"] and ci["high"] < margin:  # may also exclude 0: "direction" keeps that
         return {**out, "verdict": "equivalent"}
     if ci["low"] > 0:
         return {**out, "verdict": "better"}
@@ -154,22 +165,28 @@ def gap_recovered(runs: list, full_runs: list, head_runs: list, confidence: floa
     """Share of the head-only -> full fine-tuning gap that ``runs`` recover: per seed
     ``(method - head) / (full - head)``, then ``t_interval`` over seeds (1.0: as good as full fine-tuning).
 
-    Seeds where full fine-tuning does not beat head-only are left out (the share is undefined there).
+    Seeds where full fine-tuning does not beat head-only are left out (the share is undefined there) and
+    counted in ``seeds_left_out``.
     """
     full = {_seed_of(r): accuracy_of(r) for r in full_runs}
     head = {_seed_of(r): accuracy_of(r) for r in head_runs}
-    shares = [(accuracy_of(r) - head[s]) / (full[s] - head[s])
-              for r in runs if (s := _seed_of(r)) in full and s in head and full[s] > head[s]]
+    paired = [r for r in runs if _seed_of(r) in full and _seed_of(r) in head]
+    shares = [(accuracy_of(r) - head[s]) / (full[s] - head[s]) for r in paired
+              if full[s := _seed_of(r)] > head[s]]
     if not shares:
         raise ValueError("no seed where full fine-tuning beats head-only: the gap is undefined")
-    return {**t_interval(shares, confidence), "shares": shares}
+    return {**t_interval(shares, confidence), "shares": shares, "seeds_left_out": len(paired) - len(shares)}
 
 
 def seeds_needed(sd: float, margin: float = EQUIVALENCE_MARGIN, mean: float = 0.0, confidence: float = 0.95,
                  most: int = 1000) -> int | None:
-    """How many seeds the interval needs to fit inside ``±margin``, if the seed-level differences have this ``sd``
-    and ``mean``: the smallest n with ``|mean| + t(n - 1) sd / sqrt(n) < margin`` (None: not within ``most``)."""
-    if abs(mean) >= margin:
+    """The smallest n with ``|mean| + t(n - 1) sd / sqrt(n) < margin``: how many seeds an interval would need to
+    fit just inside ``±margin`` *if* the mean and sd stayed as observed (None: not within ``most`` seeds).
+
+    A planning figure, not a promise: a new run's mean and sd will differ, and at that n the interval fits only
+    about half the time.
+    """
+    if abs(mean) >= margin or abs(mean) + 1.959 * sd / math.sqrt(most) >= margin:  # the t bound exceeds z's
         return None
     for n in range(2, most + 1):
         if abs(mean) + t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) < margin:

@@ -143,12 +143,13 @@ def test_an_edge_optimum_grows_the_grid_and_the_control_reruns_the_configuration
     chosen = results["lrs"]["lora"]
     # a rate that tiny learns nothing, so the best is the largest until the grid has grown past it
     assert len(tried) > 2 and tried[:2] == pytest.approx([1e-6, 3e-6])
-    assert chosen != tried[0] and (chosen != tried[-1] or len(tried) == 5)  # inside, or the growth limit reached
+    assert chosen != tried[0] and (chosen != tried[-1] or len(tried) == 2 + 4)  # inside, or the growth limit reached
     control = results["control"]
     assert control["method"] == "lora" and [r.seed for r in control["runs"]] == [2, 3]
     assert all(r.lr == chosen and r.test is not None for r in control["runs"])
     c = control_comparison(results)
     assert c["seeds_a"] == [2, 3] and c["seeds_b"] == [0, 1] and c["verdict"] in VERDICTS
+    assert all(v == float(f"{v:.0e}") for v in tried)  # rates on the grid, no 2.9999999999999997e-05
     saved = results_json(results)
     assert saved["control"]["method"] == "lora" and len(saved["control"]["runs"]) == 2
     assert control_comparison(saved)["mean"] == pytest.approx(c["mean"])  # the saved JSON gives the same answer
@@ -165,4 +166,16 @@ def test_variants_race_under_their_own_names(profile):
     assert list(results["runs"]) == ["head", "q r=2"] and results["runs"]["q r=2"][0].lora_layers > 0
     rows = summary_rows(results, reference="q r=2")
     assert rows[0]["verdict"] == "no verdict"  # one seed
+
+
+def test_a_sweep_seed_is_never_tested_and_every_tested_seed_trains_afresh(profile):
+    data = tiny_data()
+    results = compare_methods(profile, methods=("lora",), seeds=(0, 1), lrs={"lora": [1e-3, 1e-2]}, data=data,
+                              backbone=tiny_backbone, device="cpu", verbose=False, sweep_seed=7)
+    assert {r.seed for r in results["sweep"]["lora"]} == {7} and results["sweep_seed"] == 7
+    assert [r.seed for r in results["runs"]["lora"]] == [0, 1]
+    assert all(r.model is None for r in results["sweep"]["lora"])
+    with pytest.raises(ValueError, match="never tested"):
+        compare_methods(profile, methods=("lora",), seeds=(0, 1), lrs={"lora": [1e-3]}, data=data,
+                        backbone=tiny_backbone, sweep_seed=1)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from lora_helpers.compare import committed_run, control_comparison, control_line, results_table, summary_rows
 from lora_helpers.experiments import SECTION7_CLAIMS, claim_reading
-from lora_helpers.stats import EQUIVALENCE_MARGIN, seeds_needed
+from lora_helpers.profiles import PROFILES
+from lora_helpers.stats import EQUIVALENCE_MARGIN, seed_verdict, seeds_needed
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -50,7 +51,7 @@ def sweep_line(run: dict) -> str:
 
 def headline(run: dict, rows: list) -> str:
     by = {r["method"]: r for r in rows}
-    if "lora" not in by or "full" not in by:
+    if "lora" not in by or "full" not in by or "gap" not in by["lora"]:
         return ""
     r = by["lora"]
     control = control_comparison(run)
@@ -62,8 +63,8 @@ def headline(run: dict, rows: list) -> str:
             f"{r['trainable_percent']:.2f}% of the weights.")
     n = seeds_needed(sd, EQUIVALENCE_MARGIN, mean=r["difference"])
     source = "the control's" if control else "these"
-    text += (f" With seed-level differences varying as {source} do (sd {sd * 100:.1f} points), about {n} seeds "
-             "per method would settle the equivalence question at this mean difference." if n else "")
+    text += (f" If the mean and the spread stayed as observed ({source} sd: {sd * 100:.1f} points), about {n} seeds "
+             "per method would make the interval just fit inside the margin (about even odds)." if n else "")
     return text
 
 
@@ -72,11 +73,13 @@ def dropout_line(run: dict, rows: list) -> str:
     if "lora-nodrop" not in by:
         return ""
     drop, nodrop = by["lora"], by["lora-nodrop"]
-    decision = ("dropout did not earn its cost: the `cpu` profile trains LoRA without it"
-                if nodrop["val_mean"] >= drop["val_mean"] else "dropout helped: the profiles keep it")
-    return (f"Dropout on LoRA's branch, decided on validation (mean over seeds, each at its own rate): 0.1 reached "
-            f"{drop['val_mean']:.3f} at {drop['lr']:g}, 0 reached {nodrop['val_mean']:.3f} at {nodrop['lr']:g}: "
-            f"{decision}.")
+    val = seed_verdict([a["val_accuracy"] - b["val_accuracy"] for a, b in zip(run["runs"]["lora-nodrop"],
+                                                                             run["runs"]["lora"])])
+    setting = "trains LoRA without dropout" if PROFILES["cpu"].lora_dropout == 0 else "keeps dropout 0.1"
+    return (f"Dropout on LoRA's branch, on validation (each at its own rate): 0.1 reached {drop['val_mean']:.3f} "
+            f"at {drop['lr']:g}, 0 reached {nodrop['val_mean']:.3f} at {nodrop['lr']:g}; seed by seed, no dropout "
+            f"minus dropout {val['mean'] * 100:+.1f} points [{val['low'] * 100:+.1f}, {val['high'] * 100:+.1f}]: "
+            f"{val['verdict']}. The `cpu` profile {setting}.")
 
 
 def compare_block(name: str) -> str:
@@ -99,10 +102,13 @@ def study_block(name: str) -> str:
             continue
         claims.append(f"| {finding} | {a} against {b} | {r['difference'] * 100:+.1f} "
                       f"[{r['low'] * 100:+.1f}, {r['high'] * 100:+.1f}] points | {r['verdict']} "
-                      f"| {claim_reading(expected, r['verdict'])} |")
-    rates = "; ".join(f"{m} {lr:g}" for m, lr in run["lrs"].items())
+                      f"| {claim_reading(expected, r['verdict'], r.get('direction'))} |")
+    rates = "; ".join(f"{m} {lr:g}" + (" (edge of its grid)" if lr in (min(x["lr"] for x in run["sweep"][m]),
+                                                                     max(x["lr"] for x in run["sweep"][m])) else "")
+                      for m, lr in run["lrs"].items())
     parts = [made_by(run), results_table(rows), control_line(run), "\n".join(claims),
-             f"Learning rates chosen on validation, each variant its own: {rates}."]
+             f"Learning rates chosen on validation (seed {run.get('sweep_seed')}, never tested), each variant its "
+             f"own: {rates}."]
     return "\n\n".join(parts) + "\n"
 
 
