@@ -254,6 +254,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.control and args.control not in args.methods:
         parser.error(f"--control {args.control} must be one of --methods ({args.methods})")
     lrs = {m: grids.get(m, SWEEP_LRS[m]) for m in args.methods} if args.sweep else None
+    versions = _versions()  # the code that runs, before anything can change it
     start = time.perf_counter()
     try:
         results = compare_methods(profile, methods=args.methods, seeds=range(args.seeds), lrs=lrs, device=args.device,
@@ -265,17 +266,18 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     wall = time.perf_counter() - start
     print(f"\n{results['backbone']}, device {results['device']}; {results['n_train']:,} training, "
           f"{results['n_val']:,} validation, {results['n_test']:,} test reviews; {args.seeds} seeds\n")
-    _save_run(results_json(results, costs), out, args, wall)  # saved first: a failure below loses nothing
+    _save_run(results_json(results, costs), out, args, wall, versions)  # saved first: a failure below loses nothing
     print(results_table(summary_rows(results, costs)))
     return 0
 
 
-def _save_run(saved: dict, out: Path, args: argparse.Namespace, wall: float) -> None:
-    """Write a run's JSON with how and where it was made (command, time, machine, versions), atomically."""
+def _save_run(saved: dict, out: Path, args: argparse.Namespace, wall: float, versions: dict) -> None:
+    """Write a run's JSON with how and where it was made (command, time, machine, ``versions`` taken when it
+    started: the code that ran), atomically."""
     saved["command"] = "python -m lora_helpers " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     saved["wall_time_s"] = wall
     saved["machine"] = _machine()
-    saved["versions"] = _versions()
+    saved["versions"] = versions
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(saved, indent=1) + "\n")
@@ -295,6 +297,7 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     out = Path(args.out or f"runs/study-{profile.name}.json")
     check_output_paths(parser, files=[out])
     print(profile.summary())
+    versions = _versions()  # the code that runs, before anything can change it
     start = time.perf_counter()
     try:
         model, _, _ = load_backbone(profile.backbone, seed=profile.seed, verbose=False)
