@@ -319,7 +319,9 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     saved["reference"] = reference
     saved["specs"] = {s.name: {"targets": list(s.targets), "r": s.r, "lora_alpha": s.lora_alpha,
                                "lora_dropout": s.lora_dropout, "init": s.init, "rslora": s.rslora} for s in specs}
-    _save_run(saved, out, args, wall)
+    _save_run(saved, out, args, wall, versions)  # saved first: a failure below loses nothing
+    print(results_table(rows))
+    print(control_line(results))
     return 0
 
 
