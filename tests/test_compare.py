@@ -129,3 +129,36 @@ def test_study_command_parses():
     assert args.func.__name__ == "_cmd_study" and args.grid == [1e-3, 3e-3, 1e-2] and args.n_train == 1000
     with pytest.raises(SystemExit):
         build_parser().parse_args(["study", "--seeds", "1"])  # one seed gives no verdict
+
+
+def test_the_study_command_runs_end_to_end_and_saves_its_run(tmp_path, monkeypatch, capsys):
+    """``python -m lora_helpers study`` on a tiny random model and tiny data: every variant, the control, the JSON."""
+    import json
+
+    import lora_helpers.backbone
+    import lora_helpers.compare
+    from lora_helpers.__main__ import main
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from test_runner import tiny_data
+
+    def tiny_backbone(name, seed=0, verbose=False, num_labels=2):  # 64 wide: room for r = 64
+        config = DistilBertConfig(vocab_size=50, dim=64, n_layers=1, n_heads=2, hidden_dim=64,
+                                  max_position_embeddings=32, num_labels=num_labels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return DistilBertForSequenceClassification(config), None, "tiny: 1 layer, 64 wide"
+
+    real = lora_helpers.compare.compare_methods
+
+    def tiny(profile, **kwargs):
+        return real(profile, **{**kwargs, "data": tiny_data(), "backbone": tiny_backbone, "verbose": False})
+
+    monkeypatch.setattr(lora_helpers.compare, "compare_methods", tiny)
+    monkeypatch.setattr(lora_helpers.backbone, "load_backbone", tiny_backbone)
+    out = tmp_path / "study.json"
+    assert main(["study", "--profile", "quick", "--seeds", "2", "--grid", "1e-3", "1e-2", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["reference"] == "q,v r=8" and saved["sweep_seed"] == 100 and saved["control"]["method"] == "q,v r=8"
+    assert set(saved["runs"]) == {"head", *saved["specs"]} and saved["versions"]["torch"]
+    assert "| q r=16 |" in capsys.readouterr().out
