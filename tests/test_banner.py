@@ -95,3 +95,16 @@ def test_committed_runs_ship_with_the_package():
     assert all(len(runs) == 3 for runs in run["runs"].values())
     with pytest.raises(FileNotFoundError, match="compare-cpu"):
         committed_run("compare-nothing")
+
+
+@pytest.mark.parametrize("name", ["quick", "cpu"])
+def test_the_profiles_rates_are_their_committed_runs_choices(name):
+    """Each profile trains at the rates its committed comparison chose on validation (and the cpu run's dropout)."""
+    run = committed_run(f"compare-{name}")
+    profile = get_profile(name)
+    assert run["lrs"]["full"] == profile.lr_full and run["lrs"]["lora"] == profile.lr_lora
+    assert run["lrs"]["lora-all"] == profile.lr_lora_all and run["head_lr"] == profile.lr_head
+    if "lora-nodrop" in run["lrs"]:  # the run that decided the dropout: no dropout unless it was worse on validation
+        val = {m: sum(r["val_accuracy"] for r in run["runs"][m]) for m in ("lora", "lora-nodrop")}
+        assert profile.lora_dropout == (0.0 if val["lora-nodrop"] >= val["lora"] else 0.1)
+        assert run["lrs"]["lora-nodrop"] == profile.lr_lora
