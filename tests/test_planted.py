@@ -50,3 +50,17 @@ def test_without_a_planted_update_lora_learns_nothing_to_speak_of(W):
     X, Y = regression_data(W, torch.zeros_like(W), n=2048, noise=0.05, seed=0)
     dW, mse = fit_lora(W, X, Y, 3, seed=0, steps=400, lr=1e-2)
     assert dW.norm() < 0.05 * plant_update(W, directions=(20, 25, 30), factor=15.0).dW.norm()
+
+
+def test_default_directions_sit_between_random_and_w_top_directions():
+    """The default plant: W uses these directions far less than its top ones, and more than random ones."""
+    from lora_helpers.planted import default_directions
+
+    assert default_directions(384) == (192, 201, 210, 219) and default_directions(768)[0] == 384
+    g = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))
+    W = (U * torch.linspace(3, 0.01, 96, dtype=torch.float64)) @ V.T  # a decaying spectrum, like a trained weight
+    a = amplification(W, plant_update(W).dW, 4, n_random=50)
+    assert a["proj_on_random"] + 3 * a["proj_on_random_sd"] < a["proj_on_dW"] < a["proj_on_W"] / 2
+    assert a["amplification"] == pytest.approx(20.0)
