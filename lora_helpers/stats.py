@@ -40,6 +40,10 @@ EQUIVALENCE_MARGIN = 0.02
 
 VERDICTS = ("better", "worse", "equivalent", "inconclusive", "unstable", "no verdict")
 
+# Fewer seeds give no verdict: with two, the t interval has one degree of freedom (t = 12.7) and its width rests
+# on a single difference of differences; two seeds that happen to agree exactly give a zero-width interval.
+MIN_SEEDS = 3
+
 
 def t_cdf(t: float, df: int) -> float:
     """P(T <= t) for Student's t with ``df`` degrees of freedom (Simpson's rule on the density)."""
@@ -123,7 +127,7 @@ def seed_verdict(differences, margin: float = EQUIVALENCE_MARGIN, confidence: fl
                  accuracies_a=None, accuracies_b=None, n_test: int | None = None) -> dict:
     """The method-level verdict on A - B from the per-seed ``differences`` (``seed_differences``).
 
-    In this order: one seed -> "no verdict"; "unstable" when the seeds disagree about whether the configuration
+    In this order: fewer than ``MIN_SEEDS`` (3) seeds -> "no verdict"; "unstable" when the seeds disagree about whether the configuration
     learns at all: a group mixes runs at chance (``at_chance``, given the accuracies and ``n_test``) with runs that
     learned (its mean and interval then describe no typical run); "equivalent" when the interval lies inside
     ``±margin``; "better" / "worse" when it excludes 0; otherwise "inconclusive". Returns the ``t_interval`` with
@@ -135,7 +139,7 @@ def seed_verdict(differences, margin: float = EQUIVALENCE_MARGIN, confidence: fl
     if ci["low"] is not None and (ci["low"] > 0 or ci["high"] < 0):
         direction = "better" if ci["low"] > 0 else "worse"
     out = {**ci, "margin": margin, "confidence": confidence, "direction": direction}
-    if ci["n"] < 2:
+    if ci["n"] < MIN_SEEDS:
         return {**out, "verdict": "no verdict"}
     mixed = False
     if n_test is not None:

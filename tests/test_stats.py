@@ -81,6 +81,7 @@ def test_a_seed_at_chance_makes_the_comparison_unstable_and_one_seed_gives_no_ve
     all_failed = [{"seed": s, "test_accuracy": a} for s, a in enumerate([0.50, 0.49, 0.51])]
     assert compare_runs(all_failed, learned, n_test=1000)["verdict"] == "worse"  # consistently, not unstable
     assert seed_verdict([0.05])["verdict"] == "no verdict"
+    assert seed_verdict([-0.01, -0.01])["verdict"] == "no verdict"  # two seeds agreeing exactly: a zero-width interval
     assert seed_verdict([0.05, 0.06], margin=EQUIVALENCE_MARGIN)["margin"] == 0.02
 
 
