@@ -61,10 +61,14 @@ def headline(run: dict, rows: list) -> str:
             f"interval inside ±{EQUIVALENCE_MARGIN * 100:.0f} points); it recovers {r['gap']:.0%} "
             f"[{r['gap_low']:.0%}, {r['gap_high']:.0%}] of the head-only to full fine-tuning gap, training "
             f"{r['trainable_percent']:.2f}% of the weights.")
-    n = seeds_needed(sd, EQUIVALENCE_MARGIN, mean=r["difference"])
-    source = "the control's" if control else "these"
-    text += (f" If the mean and the spread stayed as observed ({source} sd: {sd * 100:.1f} points), about {n} seeds "
-             "per method would make the interval just fit inside the margin (about even odds)." if n else "")
+    plans = []
+    spreads = (("the control's", sd),) if control else ()
+    for label, value in spreads + (("this pair's own", r["difference_sd"]),):
+        n = seeds_needed(value, EQUIVALENCE_MARGIN, mean=r["difference"])
+        plans.append(f"with {label} spread (sd {value * 100:.1f} points) about {n} seeds per method" if n else
+                     f"with {label} spread (sd {value * 100:.1f} points) no number of seeds")
+    text += (" If the mean stayed as observed, the interval would just fit inside the margin (about even odds) "
+             + "; ".join(plans) + ".")
     return text
 
 
