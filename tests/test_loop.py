@@ -207,8 +207,10 @@ def test_prepare_method_trainable_counts():
             assert count.trainable == count.total and names == []
         elif method == "head":
             assert count.trainable == head == 384 * 384 + 384 + 384 * 2 + 2 and names == []
-        elif method == "lora":
+        elif method in ("lora", "lora-nodrop"):  # the same layers; lora-nodrop without dropout on the branch
             assert len(names) == 12 and all(n.rsplit(".", 1)[1] in SMOKE.target_modules for n in names)
+            dropout = {type(layer.lora_dropout).__name__ for layer in layers.values()}
+            assert dropout == ({"Identity"} if method == "lora-nodrop" else {"Dropout"}), (method, dropout)
             assert {layer.r for layer in layers.values()} == {SMOKE.r}
             assert lora == 12 * SMOKE.r * (384 + 384)
             assert count.trainable == lora + head
