@@ -293,24 +293,62 @@ def lora_trainable_params(n_layers: int, d_in: int, d_out: int | None = None, r:
 
 @dataclass(frozen=True)
 class PaperModel:
-    """The sizes the arithmetic needs (parameter counts are those of the published checkpoints)."""
+    """The sizes the arithmetic needs, from each model's published configuration.
+
+    ``mlp``: ``"gelu"`` (two matrices, d -> d_ff -> d: BERT, GPT) or ``"swiglu"`` (three: gate
+    and up d -> d_ff, down d_ff -> d: LLaMA). ``norm``: ``"layernorm"`` or ``"rmsnorm"``.
+    ``language_model``: a decoder with an output layer over the vocabulary (no new head).
+    """
     name: str
     n_params: int           # all parameters, head included
     n_layers: int
     d_model: int
+    n_heads: int
+    d_ff: int
+    vocab_size: int
+    n_kv_heads: int | None = None   # grouped-query attention: fewer K, V heads (None: as many as n_heads)
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    language_model: bool = True
     head_params: int = 0    # a new task head trained alongside LoRA (0 for a language model)
+
+    @property
+    def d_kv(self) -> int:
+        """Width of K and V: ``d_model`` times the share of key-value heads."""
+        return self.d_model * (self.n_kv_heads or self.n_heads) // self.n_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{name: (d_in, d_out)}`` of one block's linear layers (LLaMA's names for a SwiGLU block)."""
+        d, kv, f = self.d_model, self.d_kv, self.d_ff
+        attention = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d)}
+        mlp = {"gate": (d, f), "up": (d, f), "down": (f, d)} if self.mlp == "swiglu" else {"up": (d, f), "down": (f, d)}
+        return {**attention, **mlp}
+
+    def lora_params(self, r: int, matrices=("q", "v")) -> int:
+        """LoRA's trainable parameters at rank ``r`` on ``matrices`` of every block (``"all"``: every linear layer),
+        plus the model's new head if it has one."""
+        shapes = self.linear_shapes()
+        names = list(shapes) if matrices == "all" else list(matrices)
+        unknown = sorted(set(names) - set(shapes))
+        if unknown:
+            raise ValueError(f"{self.name} has no {unknown} in its blocks: choose from {list(shapes)} or 'all'")
+        return self.n_layers * sum(r * sum(shapes[n]) for n in names) + self.head_params
 
 
 PAPER_MODELS = {
     # DistilBertForSequenceClassification with 2 labels: 66,362,880 backbone + 592,130 head
-    "distilbert": PaperModel("DistilBERT-base, 2-label head", 66_955_010, 6, 768,
+    "distilbert": PaperModel("DistilBERT-base, 2-label head", 66_955_010, 6, 768, n_heads=12, d_ff=3072,
+                             vocab_size=30522, mlp="gelu", norm="layernorm", language_model=False,
                              head_params=768 * 768 + 768 + 768 * 2 + 2),
-    # a LLaMA-2-7B-shaped decoder (32 layers, d_model 4096), no new head
-    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096),
-    # notebook 07's sizes: the published parameter counts of LLaMA-3.2-1B, LLaMA-2-13B and LLaMA-2-70B
-    "1b": PaperModel("1B decoder (LLaMA-3.2-1B shape)", 1_235_814_400, 16, 2048),
-    "13b": PaperModel("13B decoder (LLaMA-2-13B shape)", 13_015_864_320, 40, 5120),
-    "70b": PaperModel("70B decoder (LLaMA-2-70B shape)", 68_976_648_192, 80, 8192),
+    # the published parameter counts and configurations of LLaMA-3.2-1B and LLaMA-2-7B, -13B, -70B
+    "1b": PaperModel("1B decoder (LLaMA-3.2-1B shape)", 1_235_814_400, 16, 2048, n_heads=32, n_kv_heads=8,
+                     d_ff=8192, vocab_size=128_256),
+    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096, n_heads=32, d_ff=11008,
+                     vocab_size=32_000),
+    "13b": PaperModel("13B decoder (LLaMA-2-13B shape)", 13_015_864_320, 40, 5120, n_heads=40, d_ff=13824,
+                      vocab_size=32_000),
+    "70b": PaperModel("70B decoder (LLaMA-2-70B shape)", 68_976_648_192, 80, 8192, n_heads=64, n_kv_heads=8,
+                      d_ff=28672, vocab_size=32_000),
 }
 
 # name -> (description, formula keyword arguments)
@@ -327,16 +365,15 @@ def paper_scaling_table(models: Iterable[str] = ("distilbert", "7b"), r: int = 8
                         precisions: Iterable[str] = ("fp32", "mixed")) -> list[dict]:
     """Rows ``{model, method, precision, n_params, n_trainable, weights, gradients, optimizer_state, total}``.
 
-    Full fine-tuning vs LoRA (rank ``r`` on ``W_q``, ``W_v`` of every layer,
-    plus the model's head), computed with ``training_memory_formula`` under
-    each assumption of ``PRECISIONS`` (bytes). LoRA's few trainable
-    parameters are counted at the same precision as the rest; activations are
-    not included (``ACTIVATIONS_NOTE``).
+    Full fine-tuning vs LoRA (rank ``r`` on ``W_q``, ``W_v`` of every layer, the paper's GLUE
+    setting, plus the model's head), computed with ``training_memory_formula`` under each
+    assumption of ``PRECISIONS`` (bytes). LoRA's few trainable parameters are counted at the
+    same precision as the rest; activations are not included (``ACTIVATIONS_NOTE``).
     """
     rows = []
     for key in models:
         m = PAPER_MODELS[key]
-        lora = lora_trainable_params(m.n_layers, m.d_model, r=r, head_params=m.head_params)
+        lora = m.lora_params(r)
         for precision in precisions:
             kwargs = PRECISIONS[precision][1]
             for method, n_total, n_trainable in (("full", m.n_params, m.n_params),
@@ -346,59 +383,122 @@ def paper_scaling_table(models: Iterable[str] = ("distilbert", "7b"), r: int = 8
     return rows
 
 
-# ------------------------------------------------------------------ what fits (notebook 07)
+# ------------------------------------------------------------------ activations, estimated (notebook 07)
 
-def activation_bytes(n_layers: int, d_model: int, seq_len: int, batch: int = 1, checkpointing: bool = False) -> int:
-    """Activations of a transformer training step, estimated (16-bit activations), in bytes.
+def paper_model_from_config(config, name: str = "") -> PaperModel:
+    """A ``PaperModel`` with the shapes of a Hugging Face DistilBERT or LLaMA configuration (``n_params`` 0)."""
+    kind = type(config).__name__
+    if kind == "DistilBertConfig":
+        return PaperModel(name or "DistilBERT layout", 0, config.n_layers, config.dim, n_heads=config.n_heads,
+                          d_ff=config.hidden_dim, vocab_size=config.vocab_size, mlp="gelu", norm="layernorm",
+                          language_model=False)
+    if kind == "LlamaConfig":
+        return PaperModel(name or "LLaMA layout", 0, config.num_hidden_layers, config.hidden_size,
+                          n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
+                          d_ff=config.intermediate_size, vocab_size=config.vocab_size)
+    raise TypeError(f"no activation layout for {kind}: describe the model with PaperModel(...) yourself")
 
-    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-    Models", arXiv 2205.05198), Eq. 1: ``s b h (34 + 5 a s / h)`` bytes per layer; the
-    ``5 a s / h`` term (the stored attention scores) is left out because fused attention
-    kernels (FlashAttention, PyTorch's SDPA) do not store them: ``34 s b h`` per layer.
-    With every layer checkpointed only each layer's input stays (``2 s b h`` bytes per
-    layer) plus one layer's activations while it is recomputed. A GPT-style block (4h MLP);
-    LLaMA's SwiGLU MLP and grouped-query attention change the constant somewhat.
+
+def activation_bytes(model: PaperModel, seq_len: int, batch: int = 1, *, bytes_per_value: int = 2,
+                     attention: str = "fused", dropout: bool = False, mask_bytes: int = 1,
+                     checkpointing: bool = False) -> dict:
+    """What the forward pass keeps for backward, estimated tensor by tensor, in bytes.
+
+    The count follows Korthikanti et al. 2022 (arXiv 2205.05198, Section 4.1), generalised:
+    per block, with ``T = batch x seq_len`` tokens and ``p = bytes_per_value``, the block keeps
+
+    * **attention** (``3 + 2 d_kv/d`` x ``T d`` values): the input of the Q/K/V projections,
+      Q and K (for the scores), V, and the input of the output projection; with
+      ``attention="eager"`` also the softmax output, ``n_heads x seq_len^2 x batch`` values (and,
+      with ``dropout``, its mask and the dropped copy): the ``5as/h`` term of their Eq. 1. A fused
+      kernel (``"fused"``: FlashAttention, PyTorch's SDPA) keeps one log-sum-exp per row instead;
+    * **MLP**: its input and, per hidden unit, the GELU's input and output (``2 d_ff``), or for
+      SwiGLU the gate, up, SiLU and product tensors (``4 d_ff``);
+    * **norms**: each of the two keeps its input; an RMSNorm (LLaMA) also its normalised output;
+    * **dropout** (``dropout=True``): one mask of ``mask_bytes`` per value at every dropout site
+      (two on the residual stream per GPT block, one after DistilBERT's MLP).
+
+    Outside the blocks: BERT-style embeddings keep their norm's input (and dropout mask); the
+    output layer's input; a language model's **logits**: the loss keeps the fp32 log-softmax,
+    ``T x vocab x 4`` bytes, which at a 128k vocabulary rivals all the blocks (the 16-bit logits
+    and their fp32 copy also exist briefly during the loss; not counted here).
+    With ``checkpointing`` every block keeps only its input (``p T d``), and during backward one
+    block's activations are rebuilt at a time: ``peak`` adds them. With ``p = 2``, one-byte masks,
+    a 4d GELU MLP, LayerNorm, two residual dropouts and eager attention with dropout, one block is
+    exactly Eq. 1's ``s b h (34 + 5 a s / h)`` (tested). A LoRA model keeps somewhat less (frozen
+    layers need no input for a weight gradient): this is full fine-tuning's count, an upper bound
+    for LoRA. Tested against ``measure_training_memory`` on both layouts.
+
+    Returns ``{"blocks", "outside", "logits", "kept", "peak"}`` in bytes.
     """
-    sbh = seq_len * batch * d_model
-    per_layer = 34 * sbh
-    return n_layers * 2 * sbh + per_layer if checkpointing else n_layers * per_layer
+    if attention not in ("fused", "eager"):
+        raise ValueError(f"attention must be 'fused' or 'eager', got {attention!r}")
+    p, d, T = bytes_per_value, model.d_model, seq_len * batch
+    td = T * d
+    n_mlp = 2 if model.mlp == "gelu" else 4
+    per_norm = 1 if model.norm == "layernorm" else 2
+    values = (3 + 2 * model.d_kv / d) * td + (td + n_mlp * model.d_ff * T) + 2 * per_norm * td
+    scores = model.n_heads * seq_len * seq_len * batch
+    block = p * values
+    if attention == "eager":
+        block += (2 * p + mask_bytes) * scores if dropout else p * scores
+    if dropout:
+        block += (1 if not model.language_model else 2) * mask_bytes * td
+    if model.language_model:
+        outside = p * (per_norm * td + td)        # the final norm and the output layer's input
+        logits = 4 * T * model.vocab_size
+    else:
+        outside = p * (td + td) + (mask_bytes * td if dropout else 0)  # embedding norm (+ mask), the head's input
+        logits = 0
+    blocks = p * td * model.n_layers if checkpointing else block * model.n_layers
+    kept = int(blocks + outside + logits)
+    return {"blocks": int(blocks), "outside": int(outside), "logits": int(logits), "kept": kept,
+            "peak": kept + int(block if checkpointing else 0)}
 
 
 QLORA_BITS = bits_per_weight(double_quant=True)  # NF4 with double quantisation: 4.127 bits per weight (quant.py)
 
+# LoRA as the LoRA paper ran it on GPT-3 (W_q, W_v), and as QLoRA recommends (every linear layer of every block;
+# its runs use r = 64, and it reports r hardly matters once all layers are adapted): (label, matrices, r)
+LORA_RECIPES = {"paper": ("q,v", ("q", "v"), 8), "qlora": ("all linear", "all", 64)}
 
-def fits_table(models: Iterable[str] = ("1b", "7b", "13b", "70b"), r: int = 8, seq_len: int = 1024, batch: int = 1,
-               gpus_gib: Iterable[int] = (16, 24, 80)) -> list[dict]:
+
+def fits_table(models: Iterable[str] = ("1b", "7b", "13b", "70b"), seq_len: int = 1024, batch: int = 1,
+               gpus_gib: Iterable[int] = (16, 24, 80), recipes: Iterable[str] = ("paper", "qlora")) -> list[dict]:
     """Full fine-tuning, LoRA and QLoRA, with and without checkpointing: GiB needed and which GPUs they fit.
 
     Computed, not measured: ``training_memory_formula`` under ``PRECISIONS["mixed"]`` (16 bytes
-    per trained parameter; 2 per frozen one), QLoRA's frozen weights at ``QLORA_BITS`` bits,
-    and ``activation_bytes`` for ``batch`` x ``seq_len`` tokens. LoRA (rank ``r`` on W_q, W_v
-    of every layer, ``lora_trainable_params``) counts W_v as d x d, which grouped-query models
-    (1B, 70B) do not have: their LoRA share is slightly smaller. Embeddings are quantised
-    along with the rest (bitsandbytes keeps them in 16 bits: a few hundred MB more, 0.8 GiB
-    for 70B). LoRA and QLoRA get full fine-tuning's activations: an upper bound (frozen
-    layers need not keep their inputs; notebook 07 measures LoRA keeping fewer).
+    per trained parameter; 2 per frozen one), QLoRA's frozen weights at ``QLORA_BITS`` bits
+    (embeddings and output layer included: bitsandbytes keeps those in 16 bits, 0.8 GiB more
+    for 70B), and ``activation_bytes`` (bf16, fused attention, no dropout) for ``batch`` x
+    ``seq_len`` tokens; with checkpointing the ``peak`` (one block rebuilt on top). LoRA and
+    QLoRA come in each of ``recipes`` (``LORA_RECIPES``); their activations are full
+    fine-tuning's, an upper bound. Real runs add the CUDA context, allocator slack and temporary
+    buffers (the 16-bit logits during the loss among them).
     """
     mixed = PRECISIONS["mixed"][1]
     rows = []
     for key in models:
         m = PAPER_MODELS[key]
-        n_lora = lora_trainable_params(m.n_layers, m.d_model, r=r)
-        parts = {
-            "full": training_memory_formula(m.n_params, m.n_params, **mixed)["total"],
-            f"LoRA r={r}": (training_memory_formula(m.n_params + n_lora, n_lora, **mixed)["total"]),
-            f"QLoRA r={r}": (m.n_params * QLORA_BITS / 8 + training_memory_formula(n_lora, n_lora, **mixed)["total"]),
-        }
-        for method, states in parts.items():
+        parts = {"full": (m.n_params, training_memory_formula(m.n_params, m.n_params, **mixed)["total"])}
+        for recipe in recipes:
+            label, matrices, r = LORA_RECIPES[recipe]
+            n = m.lora_params(r, matrices)
+            parts[f"LoRA {label} r={r}"] = (n, training_memory_formula(m.n_params + n, n, **mixed)["total"])
+            parts[f"QLoRA {label} r={r}"] = (n, m.n_params * QLORA_BITS / 8
+                                             + training_memory_formula(n, n, **mixed)["total"])
+        for method, (n_trainable, states) in parts.items():
             for ckpt in (False, True):
-                act = activation_bytes(m.n_layers, m.d_model, seq_len, batch, ckpt)
+                est = activation_bytes(m, seq_len, batch, checkpointing=ckpt)
+                act = est["peak"]
                 total = (states + act) / GiB
-                rows.append({"model": m.name, "method": method, "checkpointing": ckpt,
+                rows.append({"model": m.name, "method": method, "checkpointing": ckpt, "n_trainable": n_trainable,
                              "weights_grads_optimizer_gib": states / GiB, "activations_gib": act / GiB,
+                             "logits_gib": est["logits"] / GiB,
                              "total_gib": total, **{f"fits_{g}gb": total <= g for g in gpus_gib}})
     return rows
 
 
 __all__ = ["weight_bytes", "enable_activation_checkpointing", "activation_bytes", "fits_table", "QLORA_BITS", "PeakMemory", "memory_now_mib", "training_memory_formula", "measure_training_memory", "lora_trainable_params", "paper_scaling_table",
-           "PAPER_MODELS", "PRECISIONS", "OPTIMIZER_STATES", "ACTIVATIONS_NOTE", "PaperModel", "MiB", "GiB"]
+           "PAPER_MODELS", "PRECISIONS", "OPTIMIZER_STATES", "ACTIVATIONS_NOTE", "PaperModel", "MiB", "GiB",
+           "paper_model_from_config", "LORA_RECIPES"]

@@ -255,11 +255,24 @@ def quantize_model(model: nn.Module, targets=None, skip=("pre_classifier", "clas
     """Replace every plain ``nn.Linear`` (those whose name ends with a ``targets`` entry, if given) by an NF4Linear.
 
     The new task head (``skip``) stays in full precision: it trains. Returns the names
-    replaced. Call it before ``apply_lora``; the LoRA factors then wrap the NF4 layers.
+    replaced. Call it before ``apply_lora`` (the LoRA factors then wrap the NF4 layers), or on
+    a model that already has LoRA: a ``LoRALinear``'s frozen base is quantised under the
+    ``LoRALinear``'s name and its ``A``, ``B`` stay in full precision (notebook 07 swaps a
+    trained model's base this way, to see what quantisation alone does to it).
     """
-    names = [name for name, m in model.named_modules() if type(m) is nn.Linear
-             and not any(name == s or name.endswith("." + s) for s in skip)
-             and (targets is None or any(name == t or name.endswith("." + t) for t in targets))]
+    def matched(name):
+        return (not any(name == s or name.endswith("." + s) for s in skip)
+                and (targets is None or any(name == t or name.endswith("." + t) for t in targets)))
+
+    names = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        is_lora_base = child == "base" and hasattr(parent, "lora_A") and hasattr(parent, "lora_B")
+        if matched(parent_name if is_lora_base else name):
+            names.append(name)
     if not names:
         raise ValueError(f"no nn.Linear to quantise in {type(model).__name__} (targets={targets}, skip={skip})")
     for name in names:

@@ -90,6 +90,27 @@ def t_interval(values, confidence: float = 0.95) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
+def median_interval(values, confidence: float = 0.95) -> dict:
+    """Median of ``values`` with a distribution-free interval: two order statistics.
+
+    The k-th smallest of n values lies below the true median with the probability that at
+    least k of n fair coins land heads, so ``[x_(j), x_(n+1-j)]`` covers the median at least
+    ``confidence`` of the time for the largest j whose binomial tail is at most
+    ``(1 - confidence) / 2``. No normality assumed: right for timings, whose distribution
+    has a long slow tail. Needs n >= 6 for 95%. ``{"median", "low", "high", "n"}``.
+    Introduced in notebook 06 (timing the unmerged, merged and base models).
+    """
+    xs = sorted(float(v) for v in values)
+    n, tail = len(xs), (1 - confidence) / 2
+    j, below = 0, 0.0
+    while j < n and below + math.comb(n, j) / 2 ** n <= tail:  # P(Binomial(n, 1/2) <= j) <= tail
+        below += math.comb(n, j) / 2 ** n
+        j += 1
+    if j == 0:
+        raise ValueError(f"{n} values are too few for a {confidence:.0%} interval of the median: time more rounds")
+    return {"median": statistics.median(xs), "low": xs[j - 1], "high": xs[n - j], "n": n}
+
+
 def accuracy_of(run) -> float:
     """Test accuracy of a ``RunResult`` or of its ``metrics()`` dict."""
     return run["test_accuracy"] if isinstance(run, dict) else run.test_accuracy

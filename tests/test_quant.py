@@ -205,3 +205,22 @@ def test_dtype_casts_keep_codes_and_scales_exact_and_bad_block_sizes_are_refused
     for bad in (0, 63):
         with pytest.raises(ValueError, match="even"):
             NF4Linear(8, 8, block_size=bad)
+
+
+def test_quantize_model_after_lora_swaps_only_the_frozen_base():
+    """Quantising a trained LoRA model: the output is the NF4 base plus the same full-precision update."""
+    torch.manual_seed(7)
+    model = nn.Sequential()
+    model.add_module("q_lin", nn.Linear(64, 64))
+    model.add_module("k_lin", nn.Linear(64, 64))
+    model.add_module("classifier", nn.Linear(64, 2))
+    apply_lora(model, ["q_lin"], r=2)
+    with torch.no_grad():
+        model.q_lin.lora_B.normal_()
+    x = torch.randn(5, 64)
+    update = model.q_lin.delta_weight().detach().clone()
+    names = quantize_model(model, targets=("q_lin",))
+    assert names == ["q_lin.base"] and isinstance(model.q_lin.base, NF4Linear)
+    assert type(model.k_lin) is nn.Linear and type(model.classifier) is nn.Linear
+    torch.testing.assert_close(model.q_lin(x), model.q_lin.base(x) + x @ update.T)
+    assert quantize_model(model) == ["k_lin"]  # everything but the head and what is already NF4

@@ -114,3 +114,26 @@ def test_seeds_needed_by_hand():
     assert seeds_needed(0.01, 0.02, mean=0.025) is None
     n = seeds_needed(0.03, 0.02, mean=0.005)
     assert t_quantile(0.975, n - 1) * 0.03 / n ** 0.5 + 0.005 < 0.02 <= t_quantile(0.975, n - 2) * 0.03 / (n - 1) ** 0.5 + 0.005
+
+
+def test_median_interval_order_statistics():
+    from lora_helpers.stats import median_interval
+    # n = 10: P(B <= 1) = 11/1024 <= 2.5% < P(B <= 2) = 56/1024, so the interval is [x_(2), x_(9)] (the textbook value)
+    got = median_interval(range(1, 11))
+    assert (got["low"], got["high"], got["median"]) == (2.0, 9.0, 5.5)
+    with pytest.raises(ValueError, match="too few"):
+        median_interval([1, 2, 3, 4, 5])  # 2 / 32 > 2.5%: no 95% interval from five values
+
+
+def test_median_interval_covers_a_skewed_median():
+    """Exponential timings (a long right tail, median ln 2): n = 25 gives [x_(8), x_(18)], exact coverage 95.7%."""
+    import math
+    import random
+
+    from lora_helpers.stats import median_interval
+    rng = random.Random(0)
+    covered = 0
+    for _ in range(2000):
+        got = median_interval([rng.expovariate(1.0) for _ in range(25)])
+        covered += got["low"] <= math.log(2) <= got["high"]
+    assert 0.94 <= covered / 2000 <= 0.975
