@@ -20,11 +20,12 @@ module                introduced in
 ``methods``           04_lora_vs_full_finetuning (the method registry: full, lora, lora-all, lora-nodrop, head)
 ``runner``            04_lora_vs_full_finetuning (one training run of any method; sweeps; McNemar)
 ``compare``           04_lora_vs_full_finetuning
-``stats``             04_lora_vs_full_finetuning (seed-level verdicts, equivalence margin, gap recovered)
+``stats``             04_lora_vs_full_finetuning (seed-level verdicts, equivalence margin, gap recovered); 06 (median_interval)
 ``experiments``       05_rank_and_what_lora_learns
 ``planted``           05_rank_and_what_lora_learns (a planted update: a task with a known answer)
 ``peft_interop``      06_adapters_in_practice
-``memory``            06_adapters_in_practice (what fits, checkpointing: 07)
+``multi_adapter``     06_adapters_in_practice (many adapters in one batch)
+``memory``            06_adapters_in_practice (activation estimate, what fits, checkpointing: 07)
 ``quant``             07_bigger_models (NF4, NF4Linear: QLoRA from scratch)
 ``distributed``       07_bigger_models (LoRA data-parallel on CPU processes)
 ====================  ========================================================

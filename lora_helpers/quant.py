@@ -36,7 +36,9 @@ import torch.nn.functional as F
 
 BLOCK_SIZE = 64          # weights per absmax constant (QLoRA's first quantisation)
 DQ_BLOCK_SIZE = 256      # absmax constants per second-level constant (double quantisation)
-NF4_OFFSET = 1 - (1 / (2 * 15) + 1 / (2 * 16)) / 2  # 0.9677083: where the outermost quantile sits
+# Where the outermost quantile sits: bitsandbytes' create_normal_map(offset=0.9677083), which QLoRA's code book
+# comes from (the paper's Appendix E prints the 16 values, not the offset); this expression equals it to 7 digits.
+NF4_OFFSET = 1 - (1 / (2 * 15) + 1 / (2 * 16)) / 2
 
 
 def nf4_code_book() -> torch.Tensor:
@@ -272,6 +274,9 @@ def quantize_model(model: nn.Module, targets=None, skip=("pre_classifier", "clas
         parent = model.get_submodule(parent_name) if parent_name else model
         is_lora_base = child == "base" and hasattr(parent, "lora_A") and hasattr(parent, "lora_B")
         if matched(parent_name if is_lora_base else name):
+            if is_lora_base and getattr(parent, "merged", False):
+                raise ValueError(f"{parent_name} is merged: its base holds W0 + scaling * B A, and quantising it "
+                                 "would lose W0. Call unmerge_lora(model) first; nothing was quantised")
             names.append(name)
     if not names:
         raise ValueError(f"no nn.Linear to quantise in {type(model).__name__} (targets={targets}, skip={skip})")

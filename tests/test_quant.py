@@ -224,3 +224,15 @@ def test_quantize_model_after_lora_swaps_only_the_frozen_base():
     assert type(model.k_lin) is nn.Linear and type(model.classifier) is nn.Linear
     torch.testing.assert_close(model.q_lin(x), model.q_lin.base(x) + x @ update.T)
     assert quantize_model(model) == ["k_lin"]  # everything but the head and what is already NF4
+
+
+def test_quantize_model_refuses_a_merged_lora_layer_and_changes_nothing():
+    torch.manual_seed(8)
+    model = nn.Sequential()
+    model.add_module("q_lin", nn.Linear(64, 64))
+    model.add_module("k_lin", nn.Linear(64, 64))
+    apply_lora(model, ["q_lin"], r=2)
+    model.q_lin.merge()
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        quantize_model(model)
+    assert type(model.q_lin.base) is nn.Linear and type(model.k_lin) is nn.Linear
