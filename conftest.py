@@ -8,9 +8,14 @@ last digits of a CPU run depend on the thread count; see
 ``lora_helpers.utils.set_seed``), and passive OpenMP waits for the two test
 workers. Each is a default: export another value to override.
 """
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the offline IMDb copy beside the repository on the project's machines (configuration, not package code)
+_SHARED_IMDB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "imdb")
+if os.path.isdir(_SHARED_IMDB):
+    os.environ.setdefault("LORA_IMDB_DIR", os.path.normpath(_SHARED_IMDB))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LORA_PROFILE", "quick")
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -19,6 +19,7 @@ Adding a subcommand: write ``_cmd_<name>(args, parser)``, then register it in
 ``build_parser`` with ``sub.add_parser``, ``add_profile_arguments`` (if it runs
 a profile) and ``set_defaults(func=_cmd_<name>)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from .methods import METHODS
 from .profiles import PROFILES, default_profile_name, get_profile
+from .utils import machine_line, write_files_atomically
 
 # Profile fields that a run can override from the command line (--n-train sets n_train, ...)
 PROFILE_OVERRIDES = ("n_train", "n_val", "n_test", "max_length", "epochs", "seed", "backbone")
@@ -43,6 +45,7 @@ def _int_at_least(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -50,8 +53,10 @@ def _max_length(text: str) -> int:
     """Tokens per review: at least 3, [CLS] and [SEP] plus one token of the review (below that nothing truncates)."""
     value = _int_at_least(1)(text)
     if value < 3:
-        raise argparse.ArgumentTypeError(f"{value} leaves no room for the review: the tokenizer adds [CLS] and [SEP] "
-                                         "to each review, so use at least 3 (e.g. 128)")
+        raise argparse.ArgumentTypeError(
+            f"{value} leaves no room for the review: the tokenizer adds [CLS] and [SEP] "
+            "to each review, so use at least 3 (e.g. 128)"
+        )
     return value
 
 
@@ -66,8 +71,10 @@ def _device(text: str) -> str:
     if device.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here; use --device cpu, or leave "
-                                             "--device out (the best available device is chosen)")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: no CUDA GPU is available here; use --device cpu, or leave "
+                "--device out (the best available device is chosen)"
+            )
         if device.index is not None and device.index >= n:
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA GPU(s), cuda:0 .. cuda:{n - 1}")
     elif device.type == "mps":
@@ -98,20 +105,29 @@ def _size(text: str) -> int | str:
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """``--profile`` plus the per-run overrides of its fields (shared by every subcommand that trains)."""
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="run profile (default: $LORA_PROFILE, else gpu when CUDA is available, else cpu)")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=None,
+        help="run profile (default: $LORA_PROFILE, else gpu when CUDA is available, else cpu)",
+    )
     group = parser.add_argument_group("profile overrides (default: the profile's value)")
     group.add_argument("--n-train", type=_size, metavar="N", help="training reviews, or 'all'")
-    group.add_argument("--n-val", type=_int_at_least(2), metavar="N",
-                       help="validation reviews, held out of the training split")
+    group.add_argument(
+        "--n-val", type=_int_at_least(2), metavar="N", help="validation reviews, held out of the training split"
+    )
     group.add_argument("--n-test", type=_size, metavar="N", help="test reviews, or 'all'")
     group.add_argument("--max-length", type=_max_length, metavar="L", help="tokens per review after truncation (>= 3)")
     group.add_argument("--epochs", type=_int_at_least(1), metavar="E")
     group.add_argument("--seed", type=_int_at_least(0), metavar="S")
-    group.add_argument("--backbone", metavar="NAME",
-                       help="'auto', 'distilbert-base-uncased', 'minilm-standin' or a folder with a saved DistilBERT")
-    parser.add_argument("--device", type=_device, default=None,
-                        help="cpu, cuda, cuda:N or mps (default: the best available)")
+    group.add_argument(
+        "--backbone",
+        metavar="NAME",
+        help="'auto', 'distilbert-base-uncased', 'minilm-standin' or a folder with a saved DistilBERT",
+    )
+    parser.add_argument(
+        "--device", type=_device, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)"
+    )
 
 
 def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -138,23 +154,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _machine() -> str:
-    """One line naming the machine a result was measured on: CPU, cores, torch and its threads."""
-    import os
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} with {torch.get_num_threads()} threads"
-
-
 def _versions() -> dict:
     """The package's commit (when run from a git checkout) and the versions of what the numbers depend on."""
     import subprocess
@@ -169,8 +168,13 @@ def _versions() -> dict:
     try:
         here = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if commit.returncode == 0:
             out["commit"] = commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -194,7 +198,6 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .backbone import load_backbone
     from .methods import method_spec
     from .runner import load_splits, run, tokenize
-    from .utils import write_files_atomically
 
     if args.save_adapter and args.method not in ("lora", "lora-all"):
         parser.error(f"--save-adapter needs a LoRA method (lora, lora-all), not {args.method!r}")
@@ -208,8 +211,16 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     try:
         _, tokenizer, _ = load_backbone(profile.backbone, seed=profile.seed, verbose=False)
         data = tokenize(load_splits(profile), tokenizer, profile)
-        result = run(spec, data, profile, lr=args.lr, head_lr=args.head_lr, test=True, device=args.device,
-                     keep_model=bool(args.save_adapter))
+        result = run(
+            spec,
+            data,
+            profile,
+            lr=args.lr,
+            head_lr=args.head_lr,
+            test=True,
+            device=args.device,
+            keep_model=bool(args.save_adapter),
+        )
     except (FileNotFoundError, OSError, ValueError) as err:  # no data, no backbone, a split too small
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -224,10 +235,14 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print(f"  learning rate : {m['lr']:g} (method), {m['head_lr']:g} (head)")
     print(f"  validation    : {m['val_accuracy']:.3f} on {data.n_val:,} reviews held out of the training split")
     print(f"  test accuracy : {m['test_accuracy']:.3f} on {n_test:,} reviews (chance: 0.5)")
-    print(f"  trainable     : {m['trainable_params']:,} of {m['total_params']:,} parameters "
-          f"({m['trainable_percent']:.2f}%)" + (f", LoRA on {m['lora_layers']} layers" if m["lora_layers"] else ""))
-    print(f"  training time : {m['train_time_s']:.1f} s for {m['train_steps']} steps "
-          f"({m['s_per_step']:.2f} s/step); whole run {wall:.1f} s")
+    print(
+        f"  trainable     : {m['trainable_params']:,} of {m['total_params']:,} parameters "
+        f"({m['trainable_percent']:.2f}%)" + (f", LoRA on {m['lora_layers']} layers" if m["lora_layers"] else "")
+    )
+    print(
+        f"  training time : {m['train_time_s']:.1f} s for {m['train_steps']} steps "
+        f"({m['s_per_step']:.2f} s/step); whole run {wall:.1f} s"
+    )
     print(f"  peak memory   : {m['peak_memory_mib']:.0f} MiB ({m['memory_kind']})")
     print(f"  metrics       : {out}")
     if args.save_adapter:
@@ -257,15 +272,25 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     versions = _versions()  # the code that runs, before anything can change it
     start = time.perf_counter()
     try:
-        results = compare_methods(profile, methods=args.methods, seeds=range(args.seeds), lrs=lrs, device=args.device,
-                                  extend_grid=args.extend_grid, control=args.control, sweep_seed=args.sweep_seed)
+        results = compare_methods(
+            profile,
+            methods=args.methods,
+            seeds=range(args.seeds),
+            lrs=lrs,
+            device=args.device,
+            extend_grid=args.extend_grid,
+            control=args.control,
+            sweep_seed=args.sweep_seed,
+        )
         costs = method_costs(profile, args.methods)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
-    print(f"\n{results['backbone']}, device {results['device']}; {results['n_train']:,} training, "
-          f"{results['n_val']:,} validation, {results['n_test']:,} test reviews; {args.seeds} seeds\n")
+    print(
+        f"\n{results['backbone']}, device {results['device']}; {results['n_train']:,} training, "
+        f"{results['n_val']:,} validation, {results['n_test']:,} test reviews; {args.seeds} seeds\n"
+    )
     _save_run(results_json(results, costs), out, args, wall, versions)  # saved first: a failure below loses nothing
     print(results_table(summary_rows(results, costs)))
     return 0
@@ -276,12 +301,10 @@ def _save_run(saved: dict, out: Path, args: argparse.Namespace, wall: float, ver
     started: the code that ran), atomically."""
     saved["command"] = "python -m lora_helpers " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     saved["wall_time_s"] = wall
-    saved["machine"] = _machine()
+    saved["machine"] = machine_line()
     saved["versions"] = versions
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(saved, indent=1) + "\n")
-    tmp.replace(out)  # atomic: a failed write never destroys an earlier result
+    # all or nothing: a failed write never destroys an earlier result
+    write_files_atomically(out.parent, {out.name: (json.dumps(saved, indent=1) + "\n").encode()})
     print(f"\nresults: {out} ({wall / 60:.1f} min)")
 
 
@@ -291,8 +314,9 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .compare import compare_methods, control_line, results_json, results_table, summary_rows
     from .experiments import section7_specs, study_profile
 
-    base = profile_from_args(args, parser).replace(**{f: getattr(PROFILES[args.profile or default_profile_name()], f)
-                                                      for f in _overrides(args)})
+    base = profile_from_args(args, parser).replace(
+        **{f: getattr(PROFILES[args.profile or default_profile_name()], f) for f in _overrides(args)}
+    )
     profile = study_profile(base, **_overrides(args))  # the study's settings, then the command line's
     out = Path(args.out or f"runs/study-{profile.name}.json")
     check_output_paths(parser, files=[out])
@@ -306,9 +330,16 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         grid = tuple(args.grid)
         lrs = {"head": grid, **{s.name: grid for s in specs}}
         reference = next(s.name for s in specs if s.name == f"q,v r={profile.r}")  # W_q, W_v at the profile's r
-        results = compare_methods(profile, methods=["head", *specs], seeds=range(args.seeds), lrs=lrs,
-                                  device=args.device, extend_grid=True, control=reference,
-                                  sweep_seed=args.sweep_seed)
+        results = compare_methods(
+            profile,
+            methods=["head", *specs],
+            seeds=range(args.seeds),
+            lrs=lrs,
+            device=args.device,
+            extend_grid=True,
+            control=reference,
+            sweep_seed=args.sweep_seed,
+        )
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -317,8 +348,17 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     saved = results_json(results)
     saved["summary"] = rows
     saved["reference"] = reference
-    saved["specs"] = {s.name: {"targets": list(s.targets), "r": s.r, "lora_alpha": s.lora_alpha,
-                               "lora_dropout": s.lora_dropout, "init": s.init, "rslora": s.rslora} for s in specs}
+    saved["specs"] = {
+        s.name: {
+            "targets": list(s.targets),
+            "r": s.r,
+            "lora_alpha": s.lora_alpha,
+            "lora_dropout": s.lora_dropout,
+            "init": s.init,
+            "rslora": s.rslora,
+        }
+        for s in specs
+    }
     _save_run(saved, out, args, wall, versions)  # saved first: a failure below loses nothing
     print(results_table(rows))
     print(control_line(results))
@@ -335,77 +375,142 @@ def _cmd_estimate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         return 0
     plan = compare_plan(args.methods, args.seeds, args.sweep)
     print(profile.summary())
-    print(f"{sum(n for _, n, _ in plan)} training runs ({', '.join(f'{m} x{n}' for m, n, _ in plan)})"
-          + (" with the sweep" if args.sweep else ""))
+    print(
+        f"{sum(n for _, n, _ in plan)} training runs ({', '.join(f'{m} x{n}' for m, n, _ in plan)})"
+        + (" with the sweep" if args.sweep else "")
+    )
     print(estimate_table(profile, plan))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     prog = "lora-helpers" if Path(sys.argv[0]).name == "lora-helpers" else "python -m lora_helpers"
-    parser = argparse.ArgumentParser(prog=prog, description="LoRA from scratch: run the series' experiments "
-                                     "from the command line (offline: the stand-in backbone and local IMDb).")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="LoRA from scratch: run the series' experiments "
+        "from the command line (offline: the stand-in backbone and local IMDb).",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     methods = "\n".join(f"  {name:<9} {text}" for name, text in METHODS.items())
-    train = sub.add_parser("train", help="train and evaluate one method with one profile",
-                           description="Train and evaluate one fine-tuning method on IMDb, print a summary "
-                                       "and write the metrics as JSON.",
-                           epilog=f"methods:\n{methods}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = sub.add_parser(
+        "train",
+        help="train and evaluate one method with one profile",
+        description="Train and evaluate one fine-tuning method on IMDb, print a summary and write the metrics as JSON.",
+        epilog=f"methods:\n{methods}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--method", choices=list(METHODS), default="lora", help="fine-tuning method (default: lora)")
     add_profile_arguments(train)
-    train.add_argument("--lr", type=_positive_float, metavar="LR",
-                       help="the method's own learning rate (default: the profile's, tuned on validation)")
-    train.add_argument("--head-lr", type=_positive_float, metavar="LR",
-                       help="the new head's learning rate (default: the profile's lr_head)")
+    train.add_argument(
+        "--lr",
+        type=_positive_float,
+        metavar="LR",
+        help="the method's own learning rate (default: the profile's, tuned on validation)",
+    )
+    train.add_argument(
+        "--head-lr",
+        type=_positive_float,
+        metavar="LR",
+        help="the new head's learning rate (default: the profile's lr_head)",
+    )
     train.add_argument("--out", metavar="FILE", help="metrics JSON (default: runs/<method>-<profile>.json)")
     train.add_argument("--save-adapter", metavar="DIR", help="also save the LoRA adapter (+ head) into DIR")
     train.set_defaults(func=_cmd_train)
 
-    compare = sub.add_parser("compare", help="train several methods on the same data and compare them",
-                             description="Train each method from a fresh backbone on the same data with several "
-                                         "seeds (notebook 04), test each once, and print a markdown table: "
-                                         "accuracy mean ± sd, McNemar's test against full fine-tuning.")
-    compare.add_argument("--methods", nargs="+", choices=list(METHODS), default=["full", "lora", "lora-all", "head"],
-                         help="methods to compare (default: full lora lora-all head)")
-    compare.add_argument("--seeds", type=_int_at_least(1), default=3, metavar="N",
-                         help="train every method with seeds 0 .. N-1 (default: 3)")
-    compare.add_argument("--sweep", action="store_true",
-                         help="first choose each method's learning rate on the validation split "
-                              "(compare.SWEEP_LRS; the head-only sweep sets the head rate of every method)")
-    compare.add_argument("--grid", type=_grid, action="append", metavar="METHOD=LR,LR,...",
-                         help="with --sweep: the rates to try for METHOD instead of compare.SWEEP_LRS (repeatable)")
-    compare.add_argument("--extend-grid", action="store_true",
-                         help="with --sweep: while a method's best rate is at the edge of its grid, try the next "
-                              "rate beyond it (half a decade; at most 3 more)")
-    compare.add_argument("--sweep-seed", type=_int_at_least(0), metavar="S",
-                         help="with --sweep: tune on seed S, never tested, and train every tested seed afresh "
-                              "(default: tune on the first seed and reuse its best run)")
-    compare.add_argument("--control", choices=list(METHODS), metavar="METHOD",
-                         help="train METHOD again with as many new seeds: the same-configuration noise yardstick")
+    compare = sub.add_parser(
+        "compare",
+        help="train several methods on the same data and compare them",
+        description="Train each method from a fresh backbone on the same data with several "
+        "seeds (notebook 04), test each once, and print a markdown table: "
+        "accuracy mean ± sd, McNemar's test against full fine-tuning.",
+    )
+    compare.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=["full", "lora", "lora-all", "head"],
+        help="methods to compare (default: full lora lora-all head)",
+    )
+    compare.add_argument(
+        "--seeds",
+        type=_int_at_least(1),
+        default=3,
+        metavar="N",
+        help="train every method with seeds 0 .. N-1 (default: 3)",
+    )
+    compare.add_argument(
+        "--sweep",
+        action="store_true",
+        help="first choose each method's learning rate on the validation split "
+        "(compare.SWEEP_LRS; the head-only sweep sets the head rate of every method)",
+    )
+    compare.add_argument(
+        "--grid",
+        type=_grid,
+        action="append",
+        metavar="METHOD=LR,LR,...",
+        help="with --sweep: the rates to try for METHOD instead of compare.SWEEP_LRS (repeatable)",
+    )
+    compare.add_argument(
+        "--extend-grid",
+        action="store_true",
+        help="with --sweep: while a method's best rate is at the edge of its grid, try the next "
+        "rate beyond it (half a decade; at most 3 more)",
+    )
+    compare.add_argument(
+        "--sweep-seed",
+        type=_int_at_least(0),
+        metavar="S",
+        help="with --sweep: tune on seed S, never tested, and train every tested seed afresh "
+        "(default: tune on the first seed and reuse its best run)",
+    )
+    compare.add_argument(
+        "--control",
+        choices=list(METHODS),
+        metavar="METHOD",
+        help="train METHOD again with as many new seeds: the same-configuration noise yardstick",
+    )
     add_profile_arguments(compare)
     compare.add_argument("--out", metavar="FILE", help="results JSON (default: runs/compare-<profile>.json)")
     compare.set_defaults(func=_cmd_compare)
 
-    study = sub.add_parser("study", help="notebook 05's committed study: which matrices, which rank (Tables 5, 6)",
-                           description="Train LoRA on each choice of matrices at one parameter budget, on W_q, W_v at "
-                                       "ranks 1, 8, 64, and PiSSA, each at its own learning rate chosen on "
-                                       "validation (the grid grows past an edge optimum), with several seeds, "
-                                       "plus head only and a second group of seeds of W_q, W_v r = 8 (the noise "
-                                       "yardstick). Settings: experiments.study_profile, then the overrides.")
+    study = sub.add_parser(
+        "study",
+        help="notebook 05's committed study: which matrices, which rank (Tables 5, 6)",
+        description="Train LoRA on each choice of matrices at one parameter budget, on W_q, W_v at "
+        "ranks 1, 8, 64, and PiSSA, each at its own learning rate chosen on "
+        "validation (the grid grows past an edge optimum), with several seeds, "
+        "plus head only and a second group of seeds of W_q, W_v r = 8 (the noise "
+        "yardstick). Settings: experiments.study_profile, then the overrides.",
+    )
     study.add_argument("--seeds", type=_int_at_least(2), default=3, metavar="N", help="seeds per variant (default 3)")
-    study.add_argument("--sweep-seed", type=_int_at_least(0), default=100, metavar="S",
-                       help="the seed the learning rates are tuned with, never tested (default: 100)")
-    study.add_argument("--grid", type=_positive_float, nargs="+", default=[1e-3, 3e-3, 1e-2], metavar="LR",
-                       help="learning rates every variant and the head start from (default: 1e-3 3e-3 1e-2)")
+    study.add_argument(
+        "--sweep-seed",
+        type=_int_at_least(0),
+        default=100,
+        metavar="S",
+        help="the seed the learning rates are tuned with, never tested (default: 100)",
+    )
+    study.add_argument(
+        "--grid",
+        type=_positive_float,
+        nargs="+",
+        default=[1e-3, 3e-3, 1e-2],
+        metavar="LR",
+        help="learning rates every variant and the head start from (default: 1e-3 3e-3 1e-2)",
+    )
     add_profile_arguments(study)
     study.add_argument("--out", metavar="FILE", help="results JSON (default: runs/study-<profile>.json)")
     study.set_defaults(func=_cmd_study)
 
-    estimate = sub.add_parser("estimate", help="FLOPs and estimated time of a comparison or a notebook, before running",
-                              description="Count the FLOPs of `compare` with the same options (or of a notebook's "
-                                          "runs) from the model's shape, and estimate the time on a T4, an A100 and "
-                                          "the 2-core CI CPU. Nothing is trained.")
+    estimate = sub.add_parser(
+        "estimate",
+        help="FLOPs and estimated time of a comparison or a notebook, before running",
+        description="Count the FLOPs of `compare` with the same options (or of a notebook's "
+        "runs) from the model's shape, and estimate the time on a T4, an A100 and "
+        "a 2-core CPU. Nothing is trained.",
+    )
     estimate.add_argument("--methods", nargs="+", choices=list(METHODS), default=["full", "lora", "lora-all", "head"])
     estimate.add_argument("--seeds", type=_int_at_least(1), default=3, metavar="N")
     estimate.add_argument("--sweep", action="store_true", help="include compare's learning-rate sweep")

@@ -11,6 +11,7 @@ An adapter on disk is a folder with two files:
 Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``); notebook 06
 converts these adapters to and from PEFT's format.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import safetensors.torch
 import torch
@@ -27,7 +28,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .lora import MERGED_KEY, PISSA_KEY, LoRALinear, _matches, _name_list, apply_lora, lora_layers
+from .lora import MERGED_KEY, PISSA_KEY, LoRALinear, _matches, _name_list, apply_lora, lora_layers, pissa_init_
 from .utils import check_can_write, write_files_atomically
 
 WEIGHTS_NAME = "lora_adapter.safetensors"
@@ -41,8 +42,10 @@ def _extra_module_names(model: nn.Module, extra: Iterable[str]) -> list[str]:
     for t in extra:
         hits = [n for n, _ in model.named_modules() if n and _matches(n, [t])]
         if not hits:
-            raise ValueError(f"extra module {t!r} matches nothing in {type(model).__name__}; "
-                             f"top-level modules: {[n for n, _ in model.named_children()]}")
+            raise ValueError(
+                f"extra module {t!r} matches nothing in {type(model).__name__}; "
+                f"top-level modules: {[n for n, _ in model.named_children()]}"
+            )
         names += hits
     return names
 
@@ -54,9 +57,12 @@ def lora_state_dict(model: nn.Module, extra: Iterable[str] = ()) -> dict[str, to
     """
     layers = lora_layers(model)
     prefixes = tuple(f"{n}." for n in _extra_module_names(model, extra))
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if (k.endswith((".lora_A", ".lora_B")) and k.rpartition(".")[0] in layers)
-            or (k.startswith(prefixes) and not k.endswith((f".{MERGED_KEY}", f".{PISSA_KEY}")))}
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if (k.endswith((".lora_A", ".lora_B")) and k.rpartition(".")[0] in layers)
+        or (k.startswith(prefixes) and not k.endswith((f".{MERGED_KEY}", f".{PISSA_KEY}")))
+    }
 
 
 def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: str | None = None) -> Path:
@@ -70,7 +76,7 @@ def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: 
 
     ``base_model``: the name recorded in the config (a ``str``, or a path, stored as
     text); default: the model's ``config._name_or_path``, else its class name.
-    Layers initialised with ``experiments.pissa_init_`` (their ``W0`` replaced by a
+    Layers initialised with ``lora.pissa_init_`` (their ``W0`` replaced by a
     residual) are listed in the config as ``pissa_layers``; ``load_adapter`` makes the
     same residual from the fresh base model, so the loaded model is the trained one.
     """
@@ -87,11 +93,20 @@ def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: 
     if isinstance(base_model, os.PathLike):
         base_model = os.fspath(base_model)
     if not isinstance(base_model, str):
-        raise TypeError(f"base_model must be a str (the base model's name or folder), got "
-                        f"{type(base_model).__name__} {base_model!r}")
-    config = {"format": FORMAT, "base_model": base_model, "r": int(r), "lora_alpha": _plain_number(alpha),
-              "lora_dropout": float(dropout), "use_rslora": bool(rslora), "target_modules": sorted(layers),
-              "extra_modules": _extra_module_names(model, extra)}
+        raise TypeError(
+            f"base_model must be a str (the base model's name or folder), got "
+            f"{type(base_model).__name__} {base_model!r}"
+        )
+    config = {
+        "format": FORMAT,
+        "base_model": base_model,
+        "r": int(r),
+        "lora_alpha": _plain_number(alpha),
+        "lora_dropout": float(dropout),
+        "use_rslora": bool(rslora),
+        "target_modules": sorted(layers),
+        "extra_modules": _extra_module_names(model, extra),
+    }
     pissa = sorted(n for n, m in layers.items() if m.pissa)
     if pissa:
         config["pissa_layers"] = pissa
@@ -115,8 +130,10 @@ def read_json_file(file: Path, what: str) -> dict:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): the {what} "
-                         "is damaged or incomplete; write it again") from None
+        raise ValueError(
+            f"{file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): the {what} "
+            "is damaged or incomplete; write it again"
+        ) from None
     except UnicodeDecodeError:
         raise ValueError(f"{file} is not a text (UTF-8) file: the {what} is damaged; write it again") from None
     if not isinstance(config, dict):
@@ -129,8 +146,10 @@ def read_safetensors_file(file: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except SafetensorError as err:
-        raise ValueError(f"{file} cannot be read as safetensors ({err}): the {what} is damaged or incomplete "
-                         "(an interrupted copy?); write it again") from None
+        raise ValueError(
+            f"{file} cannot be read as safetensors ({err}): the {what} is damaged or incomplete "
+            "(an interrupted copy?); write it again"
+        ) from None
 
 
 def _config_problems(config: dict) -> list[str]:
@@ -152,10 +171,14 @@ def _config_problems(config: dict) -> list[str]:
         problems.append(f"use_rslora must be true or false, got {config['use_rslora']!r}")
     for key in ("target_modules", "extra_modules", "pissa_layers"):
         names = config.get(key, ["x"] if key == "target_modules" else [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
-                or (key == "target_modules" and not names):
-            problems.append(f"{key} must be a{' non-empty' if key == 'target_modules' else ''} list of layer "
-                            f"names, got {names!r}")
+        if (
+            not isinstance(names, list)
+            or not all(isinstance(n, str) for n in names)
+            or (key == "target_modules" and not names)
+        ):
+            problems.append(
+                f"{key} must be a{' non-empty' if key == 'target_modules' else ''} list of layer names, got {names!r}"
+            )
     if not problems and not set(config.get("pissa_layers", [])) <= set(config["target_modules"]):
         problems.append("pissa_layers must be among target_modules")
     base = config.get("base_model")
@@ -172,23 +195,38 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """
     path = Path(path)
     if path.is_file():
-        hint = (f"pass the folder that holds it, {path.parent}" if path.name in (WEIGHTS_NAME, CONFIG_NAME)
-                else "pass the folder written by save_adapter")
-        raise NotADirectoryError(f"{path} is a file; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}: "
-                                 f"{hint}")
+        hint = (
+            f"pass the folder that holds it, {path.parent}"
+            if path.name in (WEIGHTS_NAME, CONFIG_NAME)
+            else "pass the folder written by save_adapter"
+        )
+        raise NotADirectoryError(
+            f"{path} is a file; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}: {hint}"
+        )
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
-        raise FileNotFoundError(f"{path} is not a lora_helpers adapter: expected {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME} (written by save_adapter), found {found}")
+        raise FileNotFoundError(
+            f"{path} is not a lora_helpers adapter: expected {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} (written by save_adapter), found {found}"
+        )
     config = read_json_file(path / CONFIG_NAME, "adapter config")
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}")
     problems = _config_problems(config)
     if problems:
-        raise ValueError(f"{path / CONFIG_NAME} is not a valid adapter config: " + "; ".join(problems)
-                         + ". Save the adapter again with save_adapter")
-    config = {"base_model": None, "lora_dropout": 0.0, "use_rslora": False, "extra_modules": [], "pissa_layers": [],
-              **config}
+        raise ValueError(
+            f"{path / CONFIG_NAME} is not a valid adapter config: "
+            + "; ".join(problems)
+            + ". Save the adapter again with save_adapter"
+        )
+    config = {
+        "base_model": None,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "extra_modules": [],
+        "pissa_layers": [],
+        **config,
+    }
     return config, read_safetensors_file(path / WEIGHTS_NAME, "adapter's tensor file")
 
 
@@ -197,34 +235,45 @@ def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
     modules, problems = dict(model.named_modules()), []
     wrapped = set(lora_layers(model))
     if wrapped and wrapped != set(config["target_modules"]):
-        problems.append(f"the model already has LoRA on {sorted(wrapped - set(config['target_modules']))[:4]} "
-                        f"which the adapter does not, or lacks {sorted(set(config['target_modules']) - wrapped)[:4]}")
+        problems.append(
+            f"the model already has LoRA on {sorted(wrapped - set(config['target_modules']))[:4]} "
+            f"which the adapter does not, or lacks {sorted(set(config['target_modules']) - wrapped)[:4]}"
+        )
     for name in config["target_modules"]:
         layer = modules.get(name)
         base = layer.base if isinstance(layer, LoRALinear) else layer
         if not isinstance(base, nn.Linear):
-            problems.append(f"{name}: the adapter targets it, but the model has "
-                            f"{'no such layer' if layer is None else type(layer).__name__}")
+            problems.append(
+                f"{name}: the adapter targets it, but the model has "
+                f"{'no such layer' if layer is None else type(layer).__name__}"
+            )
             continue
         if isinstance(layer, LoRALinear):
             if layer.pissa and name not in config["pissa_layers"]:
-                problems.append(f"{name} is PiSSA-initialised (its base weight is a residual), the adapter was "
-                                "trained on the plain base weight: load it into a fresh base model")
+                problems.append(
+                    f"{name} is PiSSA-initialised (its base weight is a residual), the adapter was "
+                    "trained on the plain base weight: load it into a fresh base model"
+                )
             if layer.merged:
                 problems.append(f"{name} is merged: unmerge_lora(model) before loading another adapter")
             # an already-wrapped layer keeps its own r and scaling: they must be the adapter's
             ours = (layer.r, layer.lora_alpha, layer.use_rslora)
             theirs = (config["r"], config["lora_alpha"], config.get("use_rslora", False))
             if ours != theirs:
-                problems.append(f"{name} is wrapped with (r, lora_alpha, use_rslora) = {ours}, the adapter has "
-                                f"{theirs}: load into a model without LoRA (apply_lora is then done for you)")
+                problems.append(
+                    f"{name} is wrapped with (r, lora_alpha, use_rslora) = {ours}, the adapter has "
+                    f"{theirs}: load into a model without LoRA (apply_lora is then done for you)"
+                )
         expected = {"lora_A": (config["r"], base.in_features), "lora_B": (base.out_features, config["r"])}
         for part, shape in expected.items():
             t = tensors.get(f"{name}.{part}")
             got = None if t is None else tuple(t.shape)
             if got != shape:
-                problems.append(f"{name}.{part}: adapter has " + ("no such tensor" if t is None else f"shape {got}")
-                                + f", this model needs {shape}")
+                problems.append(
+                    f"{name}.{part}: adapter has "
+                    + ("no such tensor" if t is None else f"shape {got}")
+                    + f", this model needs {shape}"
+                )
     state = model.state_dict()
     for key, t in tensors.items():
         if key.endswith((".lora_A", ".lora_B")):
@@ -241,22 +290,28 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
 
     Raises ``ValueError`` naming each layer or tensor that does not fit, before
     changing anything. An adapter of PiSSA-initialised layers (``pissa_layers`` in its
-    config) first gets the same residual base weight (``experiments.pissa_init_``).
+    config) first gets the same residual base weight (``lora.pissa_init_``).
     """
     config, tensors = read_adapter(path)
     problems = _misfits(model, config, tensors)
     if problems:
-        raise ValueError(f"the adapter at {path} (base model {config['base_model']!r}, r={config['r']}) does not "
-                         f"fit this {type(model).__name__}:\n  - " + "\n  - ".join(problems[:10]))
+        raise ValueError(
+            f"the adapter at {path} (base model {config['base_model']!r}, r={config['r']}) does not "
+            f"fit this {type(model).__name__}:\n  - " + "\n  - ".join(problems[:10])
+        )
     own = getattr(getattr(model, "config", None), "_name_or_path", None)
     if own and config["base_model"] and own != config["base_model"]:
         warnings.warn(f"adapter was trained on {config['base_model']!r}, loading into {own!r}", stacklevel=2)
     if not lora_layers(model):
-        apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"],
-                   config["lora_dropout"], config["use_rslora"])
+        apply_lora(
+            model,
+            config["target_modules"],
+            config["r"],
+            config["lora_alpha"],
+            config["lora_dropout"],
+            config["use_rslora"],
+        )
     if config["pissa_layers"]:  # the adapter was trained on W0 minus its top-r part: make that residual here too
-        from .experiments import pissa_init_
-
         layers = lora_layers(model)
         for name in config["pissa_layers"]:
             if not layers[name].pissa:

@@ -16,6 +16,7 @@ Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``: is the full
 fine-tuning update low rank?) and used at length in notebook 05
 (``05_rank_and_what_lora_learns.ipynb``).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -28,8 +29,10 @@ from .svd import energy_captured
 def _check_count(k, name: str, most: int, shape) -> int:
     """``k`` directions of a matrix of ``shape``: a whole number in [1, min(shape)] (no silent clipping)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= most:
-        raise ValueError(f"{name} must be a whole number in [1, {most}] (the number of singular directions of a "
-                         f"{tuple(shape)} matrix), got {k!r}")
+        raise ValueError(
+            f"{name} must be a whole number in [1, {most}] (the number of singular directions of a "
+            f"{tuple(shape)} matrix), got {k!r}"
+        )
     return int(k)
 
 
@@ -49,8 +52,7 @@ def weight_updates(pretrained_state: dict, model, suffixes=("q_lin.weight", "v_l
     from .lora import lora_layers
 
     layers = lora_layers(model)
-    current = {k: v for k, v in model.state_dict().items()
-               if not any(k.startswith(f"{name}.") for name in layers)}
+    current = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{name}.") for name in layers)}
     for name, layer in layers.items():  # a LoRA layer counts with its effective weight
         current[f"{name}.weight"] = layer.base.weight + (0 if layer.merged else layer.delta_weight())
     updates = {}
@@ -94,8 +96,9 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor, i: int, j: int) -> f
     return float(overlap.square().sum() / min(i, j))
 
 
-def subspace_similarity_grid(U1: torch.Tensor, U2: torch.Tensor, max_i: int | None = None,
-                             max_j: int | None = None) -> torch.Tensor:
+def subspace_similarity_grid(
+    U1: torch.Tensor, U2: torch.Tensor, max_i: int | None = None, max_j: int | None = None
+) -> torch.Tensor:
     """phi(i, j) for all i <= max_i, j <= max_j, as a matrix (rows i-1, columns j-1) for a heatmap."""
     max_i, max_j = max_i or U1.shape[1], max_j or U2.shape[1]
     overlap2 = (_cpu64(U1[:, :max_i]).T @ _cpu64(U2[:, :max_j])).square()
@@ -154,15 +157,22 @@ def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0, n_ra
     draws = []
     for _ in range(n_random):
         U_r, _ = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=torch.float64))  # d_out x r, orthonormal
-        V_r, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64))   # d_in x r
+        V_r, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=torch.float64))  # d_in x r
         draws.append(projected(U_r, V_r))
     draws = torch.tensor(draws, dtype=torch.float64)
     along_dW = projected(U_d[:, :r], Vh_d[:r].T)
     norm_W, norm_dW = float(W.norm()), float(dW.norm())
     random_expected = norm_W * r / (d_out * d_in) ** 0.5
-    return {"r": r, "norm_dW": norm_dW, "norm_W": norm_W,
-            "proj_on_dW": along_dW, "proj_on_W": projected(U_w[:, :r], Vh_w[:r].T),
-            "proj_on_random": float(draws.mean()), "proj_on_random_sd": float(draws.std()) if n_random > 1 else 0.0,
-            "random_expected": random_expected, "alignment": along_dW / random_expected,
-            "relative_update": norm_dW / norm_W,
-            "amplification": norm_dW / along_dW if along_dW > 0 else float("inf")}
+    return {
+        "r": r,
+        "norm_dW": norm_dW,
+        "norm_W": norm_W,
+        "proj_on_dW": along_dW,
+        "proj_on_W": projected(U_w[:, :r], Vh_w[:r].T),
+        "proj_on_random": float(draws.mean()),
+        "proj_on_random_sd": float(draws.std()) if n_random > 1 else 0.0,
+        "random_expected": random_expected,
+        "alignment": along_dW / random_expected,
+        "relative_update": norm_dW / norm_W,
+        "amplification": norm_dW / along_dW if along_dW > 0 else float("inf"),
+    }

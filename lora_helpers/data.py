@@ -14,9 +14,11 @@ Sources, tried in this order (the first that exists wins):
 1. the ``data_dir`` argument, else the environment variable ``LORA_IMDB_DIR``;
 2. ``<repo>/data/imdb/`` holding ``train.parquet`` and ``test.parquet``;
 3. ``<repo>/data/aclImdb/``, the unpacked original tarball;
-4. ``<repo>/../shared/data/imdb/``, the offline copy on the project's CI machines;
-5. the Hub dataset ``stanfordnlp/imdb`` (only when online).
+4. the Hub dataset ``stanfordnlp/imdb`` (only when online).
+
+A copy kept anywhere else is configuration: point ``LORA_IMDB_DIR`` at it.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -33,7 +35,6 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 # Module-level so that tests (or you) can point them elsewhere.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_IMDB_DIR = REPO_ROOT.parent / "shared" / "data" / "imdb"
 HUB_DATASET = "stanfordnlp/imdb"
 TARBALL_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 SPLITS = ("train", "test")
@@ -89,8 +90,10 @@ def _check_rows(df: pd.DataFrame, where) -> pd.DataFrame:
         raise ValueError(f"{where} holds no reviews: an IMDb split needs reviews of both labels.")
     missing = [i for i, t in enumerate(df["text"]) if not isinstance(t, str)]
     if missing:
-        raise ValueError(f"{where}: {len(missing)} review(s) have no text (rows {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}); fill in or drop those rows.")
+        raise ValueError(
+            f"{where}: {len(missing)} review(s) have no text (rows {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}); fill in or drop those rows."
+        )
     return df
 
 
@@ -112,8 +115,10 @@ def _read_acl_split(split_dir: Path) -> pd.DataFrame:
     for label, sub in ((0, "neg"), (1, "pos")):
         files = sorted((split_dir / sub).glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"{split_dir / sub} has no .txt reviews: the aclImdb layout needs one review "
-                                    "per .txt file in train/pos, train/neg, test/pos and test/neg.")
+            raise FileNotFoundError(
+                f"{split_dir / sub} has no .txt reviews: the aclImdb layout needs one review "
+                "per .txt file in train/pos, train/neg, test/pos and test/neg."
+            )
         for f in files:
             rows.append((f.read_text(encoding="utf-8"), label))
     return pd.DataFrame(rows, columns=["text", "label"])
@@ -163,7 +168,7 @@ def _read_raw(data_dir) -> tuple[dict[str, pd.DataFrame], str]:
             origin = "data_dir" if data_dir else "LORA_IMDB_DIR"
             raise FileNotFoundError(f"{origin}={str(explicit)!r} is not an existing folder.")
         return _read_folder(folder)
-    for folder in (REPO_ROOT / "data" / "imdb", REPO_ROOT / "data" / "aclImdb", SHARED_IMDB_DIR):
+    for folder in (REPO_ROOT / "data" / "imdb", REPO_ROOT / "data" / "aclImdb"):
         if folder.is_dir():
             return _read_folder(folder)
     if hub_reachable():
@@ -210,8 +215,9 @@ def _check_size(n, name: str):
     if n is None:
         return None
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"{name} must be a whole number of reviews >= 1, or None for the whole split; "
-                        f"got {type(n).__name__} {n!r}")
+        raise TypeError(
+            f"{name} must be a whole number of reviews >= 1, or None for the whole split; got {type(n).__name__} {n!r}"
+        )
     if n < 1:
         raise ValueError(f"{name} must be a whole number of reviews >= 1, or None for the whole split; got {n}")
     return int(n)

@@ -21,6 +21,7 @@ Command line (the script the notebook runs)::
 
 Introduced in notebook 07 (``07_bigger_models.ipynb``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,14 @@ def build_model(kind: str = "standin", seed: int = 0, r: int = 8, lora_alpha: fl
     torch.manual_seed(seed)
     if kind == "standin":
         from .backbone import load_backbone
+
         model, _, _ = load_backbone("minilm-standin", seed=seed, verbose=False)
     else:
         from transformers import DistilBertConfig, DistilBertForSequenceClassification
-        config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                  max_position_embeddings=64, num_labels=2)
+
+        config = DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=2
+        )
         model = DistilBertForSequenceClassification(config)
     for m in model.modules():  # per-process dropout masks would make the two runs differ by design
         if isinstance(m, nn.Dropout):
@@ -74,20 +78,30 @@ def global_batches(kind: str, steps: int, batch_size: int, max_length: int, seed
     """``steps`` global batches: IMDb training reviews for the stand-in, random tokens for ``tiny``."""
     if kind == "tiny":
         g = torch.Generator().manual_seed(seed)
-        return [{"input_ids": torch.randint(1, 100, (batch_size, max_length), generator=g),
-                 "attention_mask": torch.ones(batch_size, max_length, dtype=torch.long),
-                 "labels": torch.randint(0, 2, (batch_size,), generator=g)} for _ in range(steps)]
+        return [
+            {
+                "input_ids": torch.randint(1, 100, (batch_size, max_length), generator=g),
+                "attention_mask": torch.ones(batch_size, max_length, dtype=torch.long),
+                "labels": torch.randint(0, 2, (batch_size,), generator=g),
+            }
+            for _ in range(steps)
+        ]
     from .backbone import load_backbone
     from .data import load_imdb
+
     _, tokenizer, _ = load_backbone("minilm-standin", verbose=False)
     data = load_imdb(steps * batch_size, 2, seed=seed, verbose=False)["train"]
     out = []
     for i in range(steps):
-        rows = data[i * batch_size:(i + 1) * batch_size]
-        enc = tokenizer(rows["text"], padding="max_length", truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                    "labels": torch.tensor(rows["label"])})
+        rows = data[i * batch_size : (i + 1) * batch_size]
+        enc = tokenizer(rows["text"], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        out.append(
+            {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor(rows["label"]),
+            }
+        )
     return out
 
 
@@ -116,7 +130,7 @@ def _train(model: nn.Module, batches, lr: float, sync=None) -> tuple[list[float]
 
 
 def _no_forward_buffer_sync() -> dict:
-    """DDP's switch for the per-step buffer broadcast: ``forward_sync_buffers`` in new torch, ``broadcast_buffers`` before."""
+    """DDP's switch for the per-step buffer broadcast (``forward_sync_buffers``; ``broadcast_buffers`` before)."""
     parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
 
@@ -140,14 +154,15 @@ def _worker(rank: int, world_size: int, port: int, kind: str, batches, lr: float
 
         ddp.register_comm_hook(None, record_and_allreduce)
         share = len(batches[0]["labels"]) // world_size
-        local = [{k: v[rank * share:(rank + 1) * share] for k, v in b.items()} for b in batches]
+        local = [{k: v[rank * share : (rank + 1) * share] for k, v in b.items()} for b in batches]
         start = time.perf_counter()
         losses, first_grads = _train(model, local, lr, sync=ddp)
         seconds = time.perf_counter() - start
         if rank == 0:
             torch.save({"state": _trainable_state(model), "first_grads": first_grads}, Path(out_dir) / "ddp_state.pt")
-            (Path(out_dir) / "ddp.json").write_text(json.dumps(
-                {"sent": sent, "losses_rank0": losses, "seconds": seconds, "local_batch": share}))
+            (Path(out_dir) / "ddp.json").write_text(
+                json.dumps({"sent": sent, "losses_rank0": losses, "seconds": seconds, "local_batch": share})
+            )
         dist.barrier()
         del ddp  # release DDP's reducer while the process group still exists (else exit can hang)
     finally:
@@ -160,8 +175,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_data_parallel(world_size: int = 2, steps: int = 8, batch_size: int = 16, max_length: int = 64,
-                      lr: float = 1e-3, kind: str = "standin", timeout_s: float = 300) -> dict:
+def run_data_parallel(
+    world_size: int = 2,
+    steps: int = 8,
+    batch_size: int = 16,
+    max_length: int = 64,
+    lr: float = 1e-3,
+    kind: str = "standin",
+    timeout_s: float = 300,
+) -> dict:
     """Train LoRA data-parallel on ``world_size`` CPU processes, then on one; compare.
 
     Returns a dict: ``bytes_per_step`` all-reduced (measured by the hook) and what full
@@ -180,14 +202,21 @@ def run_data_parallel(world_size: int = 2, steps: int = 8, batch_size: int = 16,
     batches = global_batches(kind, steps, batch_size, max_length)
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
-        procs = mp.start_processes(_worker, args=(world_size, _free_port(), kind, batches, lr, out_dir),
-                                   nprocs=world_size, join=False, start_method="spawn")
+        procs = mp.start_processes(
+            _worker,
+            args=(world_size, _free_port(), kind, batches, lr, out_dir),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         while not procs.join(timeout=5):  # raises if a process failed
             if time.perf_counter() - start > timeout_s:
                 for p in procs.processes:
                     p.kill()
-                raise TimeoutError(f"the {world_size} processes did not finish in {timeout_s:.0f} s; they were "
-                                   "stopped. Run `python -m lora_helpers.distributed --model tiny` to check the setup")
+                raise TimeoutError(
+                    f"the {world_size} processes did not finish in {timeout_s:.0f} s; they were "
+                    "stopped. Run `python -m lora_helpers.distributed --model tiny` to check the setup"
+                )
         wall = time.perf_counter() - start
         saved = torch.load(Path(out_dir) / "ddp_state.pt")
         ddp_state, ddp_grads = saved["state"], saved["first_grads"]
@@ -200,23 +229,36 @@ def run_data_parallel(world_size: int = 2, steps: int = 8, batch_size: int = 16,
     single = _trainable_state(model)
     counts = count_parameters(model)
     sent_bytes = sum(b for _, b in log["sent"])
-    return {"world_size": world_size, "steps": steps, "global_batch": batch_size, "max_length": max_length,
-            "model": kind, "trainable": counts.trainable, "total": counts.total,
-            "bytes_per_step": sent_bytes / steps, "values_per_step": sum(n for n, _ in log["sent"]) / steps,
-            "full_ft_bytes_per_step": counts.total * 4,
-            "local_batch": log["local_batch"],
-            "grad_max_abs_diff": max(float((ddp_grads[k] - grads[k]).abs().max()) for k in grads),
-            "grad_max_abs": max(float(grads[k].abs().max()) for k in grads),
-            "max_abs_diff": max(float((ddp_state[k] - single[k]).abs().max()) for k in single),
-            "max_update": max(float((single[k] - initial[k]).abs().max()) for k in single),
-            "losses_ddp_rank0": log["losses_rank0"], "losses_single": losses,
-            "ddp_train_seconds": log["seconds"], "ddp_wall_seconds": wall, "single_train_seconds": single_seconds}
+    return {
+        "world_size": world_size,
+        "steps": steps,
+        "global_batch": batch_size,
+        "max_length": max_length,
+        "model": kind,
+        "trainable": counts.trainable,
+        "total": counts.total,
+        "bytes_per_step": sent_bytes / steps,
+        "values_per_step": sum(n for n, _ in log["sent"]) / steps,
+        "full_ft_bytes_per_step": counts.total * 4,
+        "local_batch": log["local_batch"],
+        "grad_max_abs_diff": max(float((ddp_grads[k] - grads[k]).abs().max()) for k in grads),
+        "grad_max_abs": max(float(grads[k].abs().max()) for k in grads),
+        "max_abs_diff": max(float((ddp_state[k] - single[k]).abs().max()) for k in single),
+        "max_update": max(float((single[k] - initial[k]).abs().max()) for k in single),
+        "losses_ddp_rank0": log["losses_rank0"],
+        "losses_single": losses,
+        "ddp_train_seconds": log["seconds"],
+        "ddp_wall_seconds": wall,
+        "single_train_seconds": single_seconds,
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_helpers.distributed",
-                                     description="LoRA trained data-parallel on CPU processes (gloo), "
-                                                 "compared with one process on the same global batches.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_helpers.distributed",
+        description="LoRA trained data-parallel on CPU processes (gloo), "
+        "compared with one process on the same global batches.",
+    )
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch, split evenly over the processes")

@@ -23,13 +23,14 @@ inputs need no gradient.
 
 Time is FLOPs divided by what a device sustains. A GPU: its published peak times an *assumed*
 utilisation (``GPU_UTILISATION``; eager PyTorch on a model this small reaches a fraction of the
-tensor cores' peak), not yet checked on a T4. The CPU: rates measured on the 2-core CI machine,
+tensor cores' peak), not yet checked on a T4. The CPU: rates measured on a quiet 2-core CPU,
 per method (a LoRA step on a CPU is slower per FLOP than a full one). Good to about a factor of
 two for long runs; compare with the s/step that your first run prints.
 
 ``python -m lora_helpers estimate`` prints it for any profile or command, before a long run.
 (The notebooks time a few steps on the reader's own machine instead: ``banner.print_banner``.)
 """
+
 from __future__ import annotations
 
 import statistics
@@ -37,11 +38,12 @@ from dataclasses import dataclass, field
 
 from transformers import DistilBertConfig
 
+from .lora import lora_parameters
 from .methods import ALL_BLOCK_LINEARS, method_spec
 
 # The two backbones of the series, by shape only (no weights needed to count FLOPs).
 SHAPES = {
-    "distilbert-base-uncased": DistilBertConfig(),                                         # 768 wide, 66M parameters
+    "distilbert-base-uncased": DistilBertConfig(),  # 768 wide, 66M parameters
     "minilm-standin": DistilBertConfig(dim=384, hidden_dim=1536, n_layers=6, n_heads=12),  # the offline stand-in
 }
 LABELS = {"distilbert-base-uncased": "DistilBERT (768 wide)", "minilm-standin": "stand-in (384 wide)"}
@@ -54,9 +56,10 @@ GPU_UTILISATION = 0.2  # assumed share of the published tensor-core peak (eager 
 @dataclass(frozen=True)
 class Device:
     """A device class and the FLOP rates it sustains (1e12 FLOP/s)."""
+
     name: str
-    tflops: float                              # forward passes (evaluation), and training unless per_kind says
-    how: str                                   # where the numbers come from
+    tflops: float  # forward passes (evaluation), and training unless per_kind says
+    how: str  # where the numbers come from
     per_kind: dict = field(default_factory=dict)  # training rate by method kind ("full", "lora", "head")
 
     def train_tflops(self, kind: str) -> float:
@@ -64,25 +67,34 @@ class Device:
 
 
 DEVICES = {
-    "T4": Device("NVIDIA T4 (Colab's free GPU)", 65 * GPU_UTILISATION,
-                 "65 TFLOPS fp16 tensor-core peak (NVIDIA T4 datasheet) x 20% assumed utilisation"),
-    "A100": Device("NVIDIA A100", 312 * GPU_UTILISATION,
-                   "312 TFLOPS bf16 dense peak (NVIDIA A100 datasheet) x 20% assumed utilisation"),
+    "T4": Device(
+        "NVIDIA T4 (Colab's free GPU)",
+        65 * GPU_UTILISATION,
+        "65 TFLOPS fp16 tensor-core peak (NVIDIA T4 datasheet) x 20% assumed utilisation",
+    ),
+    "A100": Device(
+        "NVIDIA A100",
+        312 * GPU_UTILISATION,
+        "312 TFLOPS bf16 dense peak (NVIDIA A100 datasheet) x 20% assumed utilisation",
+    ),
     # Measured on a quiet 2-core AMD EPYC (torch, 2 threads, stand-in, 16 x 128 tokens) in the cpu comparison run kept
     # as results/compare-cpu-timing-epyc.json: each method's FLOPs per step (this module) over its median s/step;
     # evaluation from the run's wall time less its training time. Recomputed by tests/test_estimate.py.
-    "ci-cpu": Device("the 2-core CI CPU (torch, 2 threads)", 0.109,
-                     "measured: a quiet cpu comparison run (FLOPs of this module / seconds)",
-                     per_kind={"full": 0.084, "lora": 0.072, "head": 0.067}),
+    "ci-cpu": Device(
+        "a 2-core CPU (torch, 2 threads)",
+        0.109,
+        "measured: a quiet cpu comparison run (FLOPs of this module / seconds)",
+        per_kind={"full": 0.084, "lora": 0.072, "head": 0.067},
+    ),
 }
 
 # What each notebook trains: (method, runs). Notebooks 05 and 07 run on experiments.study_profile(profile)
 # (07 with the profile's own training reviews).
 NOTEBOOK_RUNS = {
-    "03": (("lora", 1), ("head", 1)),                                # the LoRA run and its B = 0 control
-    "04": (("full", 3), ("lora", 3), ("lora-all", 3), ("head", 3)),  # four methods x three seeds
-    "05": (("head", 3), ("lora", 17)),                               # the Section 7 studies
-    "07": (("lora", 4),),                                            # LoRA on an fp32 and an NF4 base, 2 seeds each
+    "03": (("lora", 1), ("head", 1)),  # the LoRA run and its B = 0 control
+    "04": (("full", 3), ("lora", 6), ("lora-all", 3), ("head", 3)),  # four methods x three seeds + the control
+    "05": (("head", 3), ("lora", 17)),  # the Section 7 studies
+    "07": (("lora", 6),),  # LoRA on an fp32 and an NF4 base, 3 seeds each
 }
 STUDY_NOTEBOOKS = ("05", "07")
 
@@ -107,13 +119,18 @@ def forward_flops(config, seq_len: int, num_labels: int = 2) -> int:
 
 def lora_params(config, targets, r: int) -> int:
     """A and B of every wrapped matrix: r (d_in + d_out) each, in every block."""
-    shapes = {"q_lin": (config.dim, config.dim), "k_lin": (config.dim, config.dim), "v_lin": (config.dim, config.dim),
-              "out_lin": (config.dim, config.dim), "lin1": (config.dim, config.hidden_dim),
-              "lin2": (config.hidden_dim, config.dim)}
+    shapes = {
+        "q_lin": (config.dim, config.dim),
+        "k_lin": (config.dim, config.dim),
+        "v_lin": (config.dim, config.dim),
+        "out_lin": (config.dim, config.dim),
+        "lin1": (config.dim, config.hidden_dim),
+        "lin2": (config.hidden_dim, config.dim),
+    }
     unknown = [t for t in targets if t not in shapes]
     if unknown:
         raise ValueError(f"unknown target matrices {unknown}: choose from {list(ALL_BLOCK_LINEARS)}")
-    return config.n_layers * sum(r * sum(shapes[t]) for t in targets)
+    return config.n_layers * lora_parameters((shapes[t] for t in targets), r)
 
 
 def train_step_flops(config, method: str, profile) -> float:
@@ -134,8 +151,11 @@ def run_flops(profile, method: str = "lora", config=None) -> dict:
     shape = profile.run_shape()
     steps, evals = shape["steps"], shape["val_passes"]
     forward = forward_flops(config, profile.max_length)
-    cost = {"train": steps * train_step_flops(config, method, profile), "val": forward * evals * profile.n_val,
-            "test": forward * shape["n_test"]}
+    cost = {
+        "train": steps * train_step_flops(config, method, profile),
+        "val": forward * evals * profile.n_val,
+        "test": forward * shape["n_test"],
+    }
     return {"steps": steps, "evals": evals, **cost, "total": sum(cost.values())}
 
 
@@ -153,6 +173,7 @@ def notebook_plan(notebook: str, profile) -> tuple:
         raise ValueError(f"no estimate for notebook {notebook!r}: choose one of {sorted(NOTEBOOK_RUNS)}")
     if notebook in STUDY_NOTEBOOKS:
         from .experiments import study_profile
+
         # notebook 07 keeps the profile's training reviews (its NF4 comparison needs runs that have learned)
         profile = study_profile(profile, **({"n_train": profile.n_train} if notebook == "07" else {}))
     return profile, [(m, n, n) for m, n in NOTEBOOK_RUNS[notebook]]
@@ -178,7 +199,8 @@ def notebook_flops(notebook: str, profile, config=None) -> float:
 
 
 def measured_rates(saved: dict) -> dict:
-    """Sustained TFLOPS of a machine, from a saved ``compare`` run (``lora_helpers/results/compare-*.json``): per method kind the
+    """Sustained TFLOPS of a machine, from a saved ``compare`` run (``lora_helpers/results/compare-*.json``):
+    per method kind the
     median over runs of FLOPs per step / s per step, and for evaluation the evaluation FLOPs over the run's wall
     time less its training time (so loading and bookkeeping count as evaluation: a slightly low rate)."""
     from .profiles import Profile
@@ -195,8 +217,10 @@ def measured_rates(saved: dict) -> dict:
         train_seconds += sum(r["train_time_s"] for r in trained)
         val_passes = sum(len(r["val_curve"]) for r in trained)
         eval_flops += forward * (val_passes * saved["n_val"] + len(runs) * saved["n_test"])
-    return {"per_kind": {kind: statistics.median(r) / 1e12 for kind, r in rates.items()},
-            "eval": eval_flops / (saved["wall_time_s"] - train_seconds) / 1e12}
+    return {
+        "per_kind": {kind: statistics.median(r) / 1e12 for kind, r in rates.items()},
+        "eval": eval_flops / (saved["wall_time_s"] - train_seconds) / 1e12,
+    }
 
 
 def duration(s: float) -> str:
@@ -206,15 +230,21 @@ def duration(s: float) -> str:
 
 def estimate_table(profile, runs) -> str:
     """Compute (PFLOP) and estimated time per device (rows) and backbone shape (columns) of ``runs`` on ``profile``."""
-    lines = [f"{'':<38}" + "".join(f"{LABELS[n]:>24}" for n in SHAPES),
-             f"{'compute':<38}" + "".join(f"{plan_cost(profile, runs, 'T4', c)[0] / 1e15:>18.2f} PFLOP"
-                                         for c in SHAPES.values())]
+    lines = [
+        f"{'':<38}" + "".join(f"{LABELS[n]:>24}" for n in SHAPES),
+        f"{'compute':<38}"
+        + "".join(f"{plan_cost(profile, runs, 'T4', c)[0] / 1e15:>18.2f} PFLOP" for c in SHAPES.values()),
+    ]
     for key, device in DEVICES.items():
-        lines.append(f"{device.name:<38}" + "".join(f"{duration(plan_cost(profile, runs, key, c)[1]):>24}"
-                                                    for c in SHAPES.values()))
-    lines.append("How: FLOPs from the shapes (lora_helpers.estimate); a GPU at an assumed 20% of its published peak, "
-                 "the CPU at its\nmeasured rates. Good to a factor of about 2 for long runs; short ones (the quick profile) are "
-                 "dominated by per-step overheads\non a GPU.")
+        lines.append(
+            f"{device.name:<38}"
+            + "".join(f"{duration(plan_cost(profile, runs, key, c)[1]):>24}" for c in SHAPES.values())
+        )
+    lines.append(
+        "How: FLOPs from the shapes (lora_helpers.estimate); a GPU at an assumed 20% of its published peak, "
+        "the CPU at its\nmeasured rates. Good to a factor of about 2 for long runs; short ones (the quick profile) are "
+        "dominated by per-step overheads\non a GPU."
+    )
     return "\n".join(lines)
 
 
@@ -223,6 +253,8 @@ def print_estimate(notebook: str, profile) -> None:
     sized, runs = notebook_plan(notebook, profile)
     steps = run_flops(sized, "lora")["steps"]
     what = ", ".join(f"{m} x{n}" for m, n, _ in runs)
-    print(f"This notebook trains {sum(n for _, n, _ in runs)} runs ({what}) on the {profile.name!r} profile: "
-          f"{steps} steps of {sized.batch_size} x {sized.max_length} tokens each, plus their evaluation.")
+    print(
+        f"This notebook trains {sum(n for _, n, _ in runs)} runs ({what}) on the {profile.name!r} profile: "
+        f"{steps} steps of {sized.batch_size} x {sized.max_length} tokens each, plus their evaluation."
+    )
     print(estimate_table(sized, runs))

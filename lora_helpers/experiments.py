@@ -8,19 +8,17 @@ Introduced in notebook 05 (``05_rank_and_what_lora_learns.ipynb``). It offers
 * ``study_profile``: the run settings for the studies (dropout off, one validation
   pass per run, shorter reviews in ``cpu``/``gpu``), so that the notebook's runs fit;
 * ``PAPER_TABLE7``: the paper's amplification numbers (GPT-3, W_q of layer 48);
-* ``pissa_init_``: a PiSSA-like init (A, B from W's top-r singular directions,
-  the base weight replaced by the residual), the model unchanged at init;
 * ``lora_variant``: the ``MethodSpec`` of one LoRA variant (targets, r, alpha,
-  rsLoRA, init, dropout), trained with ``runner.run`` like every other run.
+  rsLoRA, init (``lora.pissa_init_``), dropout), trained with ``runner.run`` like every other run.
 """
+
 from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn as nn
 
-from .lora import LoRALinear, _matches, _summarise, linear_names, lora_layers
+from .lora import _matches, _summarise, linear_names, lora_layers, lora_parameters
 from .methods import MethodSpec
 from .profiles import Profile
 
@@ -44,6 +42,7 @@ PAPER_TABLE7 = {
 
 # ------------------------------------------------------------------ parameter budgets
 
+
 def _target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
     """``{name: nn.Linear}`` for every plain Linear layer (or LoRA base) whose name ends with a target.
 
@@ -55,14 +54,16 @@ def _target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
     linears.update({n: layer.base for n, layer in lora_layers(model).items()})
     missing = [t for t in targets if not any(_matches(n, [t]) for n in linears)]
     if missing or not targets:
-        raise ValueError(f"targets {missing or targets} match no nn.Linear in {type(model).__name__}. "
-                         f"Linear layers here: {_summarise(sorted(linears))}")
+        raise ValueError(
+            f"targets {missing or targets} match no nn.Linear in {type(model).__name__}. "
+            f"Linear layers here: {_summarise(sorted(linears))}"
+        )
     return {n: m for n, m in linears.items() if _matches(n, targets)}
 
 
 def lora_param_count(model: nn.Module, targets, r: int) -> int:
     """Trainable LoRA parameters of rank ``r`` on ``targets``: ``sum r * (d_in + d_out)`` (model unchanged)."""
-    return sum(r * (m.in_features + m.out_features) for m in _target_linears(model, targets).values())
+    return lora_parameters(((m.in_features, m.out_features) for m in _target_linears(model, targets).values()), r)
 
 
 def max_rank(model: nn.Module, targets) -> int:
@@ -86,12 +87,13 @@ def rank_for_budget(model: nn.Module, targets, budget: int) -> int:
 
 # ------------------------------------------------------------------ run settings and data
 
+
 def study_profile(profile: Profile, **overrides) -> Profile:
     """The settings notebook 05's studies run with, derived from ``profile``.
 
     About twenty runs share one notebook, so each must be short: ``quick`` trains on 640
-    reviews instead of 1,000 (40 steps of 64 tokens, about 30 s per LoRA run on the 2-core CI
-    machine, so that the test suite stays under half an hour); ``cpu``
+    reviews instead of 1,000 (40 steps of 64 tokens, so that a laptop runs the notebook in
+    minutes); ``cpu``
     cuts reviews at 128 tokens at most; ``gpu`` trains on 12,000 reviews and tests on
     10,000 (notebook 04: 24,000 and 25,000), one epoch at 256 tokens at most, so that
     the notebook's twenty runs take about twenty minutes on a T4: an estimate, from
@@ -118,46 +120,19 @@ def study_profile(profile: Profile, **overrides) -> Profile:
     return profile.replace(**overrides)
 
 
-# ------------------------------------------------------------------ PiSSA-like init
-
-@torch.no_grad()
-def pissa_init_(layer: LoRALinear) -> LoRALinear:
-    """Initialise ``layer`` from the top-r singular directions of its weight, in place (PiSSA-like).
-
-    With ``W = U S V^T`` and the principal part ``P = U_r S_r V_r^T``:
-    ``B = U_r sqrt(S_r) / sqrt(s)``, ``A = sqrt(S_r) V_r^T / sqrt(s)`` (``s`` the
-    layer's scaling), so ``s * B A = P``, and the frozen weight becomes the
-    residual ``W - P``. The layer's output is unchanged; training now starts on
-    W's principal directions instead of on a zero update (Meng et al. 2024).
-
-    The layer is marked (``layer.pissa = True``, also in its ``state_dict``):
-    ``save_adapter`` records it and ``load_adapter`` makes the same residual from a
-    fresh base model. A second call on the same layer is refused (it would take the
-    residual's own top part out too).
-    """
-    if not isinstance(layer, LoRALinear):
-        raise TypeError(f"pissa_init_ needs a LoRALinear, got {type(layer).__name__}")
-    if layer.merged:
-        raise RuntimeError("pissa_init_ on a merged layer: unmerge() it first")
-    if layer.pissa:
-        raise RuntimeError("this layer is already PiSSA-initialised: its base weight is the residual W - P, and a "
-                           "second call would remove the residual's top part too. Start from a fresh layer")
-    W = layer.base.weight
-    U, S, Vh = torch.linalg.svd(W.detach().double().cpu(), full_matrices=False)  # float64 on CPU: exact, any device
-    r, root_s = layer.r, math.sqrt(layer.scaling)
-    root = S[:layer.r].sqrt()
-    principal = (U[:, :r] * S[:r]) @ Vh[:r]
-    layer.lora_B.copy_((U[:, :r] * root) / root_s)
-    layer.lora_A.copy_((root[:, None] * Vh[:r]) / root_s)
-    W.copy_(W.double().cpu() - principal)
-    layer.pissa = True
-    return layer
-
-
 # ------------------------------------------------------------------ one variant
 
-def lora_variant(targets, r: int, alpha: float | None = None, profile: Profile | None = None, rslora: bool = False,
-                 init: str = "zero", lora_dropout: float | None = None, name: str | None = None) -> MethodSpec:
+
+def lora_variant(
+    targets,
+    r: int,
+    alpha: float | None = None,
+    profile: Profile | None = None,
+    rslora: bool = False,
+    init: str = "zero",
+    lora_dropout: float | None = None,
+    name: str | None = None,
+) -> MethodSpec:
     """The ``MethodSpec`` of a LoRA variant; train it with ``runner.run(spec, data, profile, seed=...)``.
 
     ``targets``: module names (``TARGET_SETS[...]``); ``alpha`` and ``lora_dropout`` default
@@ -168,14 +143,24 @@ def lora_variant(targets, r: int, alpha: float | None = None, profile: Profile |
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     alpha = (profile.lora_alpha if profile is not None else 16) if alpha is None else alpha
     dropout = (profile.lora_dropout if profile is not None else 0.1) if lora_dropout is None else lora_dropout
-    return MethodSpec(name or f"{','.join(t.removesuffix('_lin') for t in targets)} r={r}", "lora",
-                      targets=targets, r=r, lora_alpha=alpha, lora_dropout=dropout, rslora=rslora, init=init)
+    return MethodSpec(
+        name or f"{','.join(t.removesuffix('_lin') for t in targets)} r={r}",
+        "lora",
+        targets=targets,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        rslora=rslora,
+        init=init,
+    )
 
 
 # ------------------------------------------------------------------ the committed study (Tables 5 and 6)
 
-def section7_specs(model: nn.Module, profile: Profile, reference=("q_lin", "v_lin"), r: int = 8,
-                   ranks=(1, 64)) -> list[MethodSpec]:
+
+def section7_specs(
+    model: nn.Module, profile: Profile, reference=("q_lin", "v_lin"), r: int = 8, ranks=(1, 64)
+) -> list[MethodSpec]:
     """The LoRA variants of notebook 05's committed IMDb study, all at the paper's scale ``alpha / r``:
 
     * which matrices at one parameter budget (the paper's Table 5): the budget of ``reference`` at rank
@@ -207,19 +192,28 @@ SECTION7_CLAIMS = [
     ("q r=16", "q,v r=8", "W_q alone is worse at one budget (Table 5)", "worse"),
     ("v r=16", "q,v r=8", "W_v alone is about as good (Table 5)", "same"),
     ("q,k,v,o r=4", "q,v r=8", "all four attention matrices are as good or better (Table 5)", "not worse"),
-    ("q,k,v,o,ffn r=2", "q,v r=8", "every Linear, MLP included, is as good or better (QLoRA; LoRA Without Regret)",
-     "not worse"),
+    (
+        "q,k,v,o,ffn r=2",
+        "q,v r=8",
+        "every Linear, MLP included, is as good or better (QLoRA; LoRA Without Regret)",
+        "not worse",
+    ),
     ("q,v r=1", "q,v r=8", "r = 1 is nearly as good (Table 6)", "same"),
     ("q,v r=64", "q,v r=8", "r = 64 is no better (Table 6)", "not better"),
     ("q,v r=8 PiSSA", "q,v r=8", "PiSSA ends better (Meng et al. 2024)", "better"),
 ]
 
-_AGREES = {"worse": {"worse"}, "better": {"better"}, "same": {"equivalent"}, "not worse": {"better", "equivalent"},
-           "not better": {"worse", "equivalent"}}
+_AGREES = {
+    "worse": {"worse"},
+    "better": {"better"},
+    "same": {"equivalent"},
+    "not worse": {"better", "equivalent"},
+    "not better": {"worse", "equivalent"},
+}
 
 
 def claim_reading(expected: str, verdict: str, direction: str | None = None) -> str:
-    """"consistent" / "differs" / "not resolved (...)": a seed-level verdict read against a published prediction.
+    """ "consistent" / "differs" / "not resolved (...)": a seed-level verdict read against a published prediction.
 
     An "equivalent" whose interval also excludes 0 (``direction``) is a small but real difference: it is consistent
     with a prediction of that direction ("worse" / "better").
@@ -233,4 +227,3 @@ def claim_reading(expected: str, verdict: str, direction: str | None = None) -> 
     if verdict == "inconclusive":
         return "not resolved (the interval is too wide)"
     return "consistent" if verdict in _AGREES[expected] else "differs"
-

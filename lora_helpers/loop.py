@@ -10,6 +10,7 @@ Notebook 03 (``03_lora_distilbert_imdb.ipynb``) writes the bare loop out
 loop plus schedule, clipping, mixed precision and a bar. ``runner.run`` (one
 training run of any method) and ``python -m lora_helpers`` use it.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -22,10 +23,10 @@ import torch
 import torch.nn as nn
 from tqdm.std import tqdm
 
-from .memory import PeakMemory
-from .utils import get_device
+from .utils import PeakMemory, get_device
 
 # ------------------------------------------------------------------ batching
+
 
 def check_max_length(tokenizer, max_length) -> None:
     """``max_length`` must leave room for one token of text after the special tokens ([CLS], [SEP]).
@@ -34,8 +35,10 @@ def check_max_length(tokenizer, max_length) -> None:
     """
     special = tokenizer.num_special_tokens_to_add(pair=False) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
     if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length <= special:
-        raise ValueError(f"max_length must be a whole number >= {special + 1}, got {max_length!r}: the tokenizer adds "
-                         f"{special} special tokens to each text and needs room for one token of the text (e.g. 128)")
+        raise ValueError(
+            f"max_length must be a whole number >= {special + 1}, got {max_length!r}: the tokenizer adds "
+            f"{special} special tokens to each text and needs room for one token of the text (e.g. 128)"
+        )
 
 
 def encode(texts, tokenizer, max_length: int) -> list[list[int]]:
@@ -50,32 +53,42 @@ def make_batches(input_ids, labels, batch_size: int, pad_id: int, shuffle: bool 
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     if len(input_ids) != len(labels):
         raise ValueError(f"{len(input_ids)} token lists but {len(labels)} labels: one label per review")
-    order = torch.randperm(len(input_ids), generator=torch.Generator().manual_seed(seed)).tolist() \
-        if shuffle else list(range(len(input_ids)))
+    order = (
+        torch.randperm(len(input_ids), generator=torch.Generator().manual_seed(seed)).tolist()
+        if shuffle
+        else list(range(len(input_ids)))
+    )
     batches = []
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         width = max(len(input_ids[i]) for i in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         for j, i in enumerate(rows):
-            ids[j, :len(input_ids[i])] = torch.tensor(input_ids[i])
-        batches.append({"input_ids": ids, "attention_mask": (ids != pad_id).long(),
-                        "labels": torch.tensor([labels[i] for i in rows])})
+            ids[j, : len(input_ids[i])] = torch.tensor(input_ids[i])
+        batches.append(
+            {
+                "input_ids": ids,
+                "attention_mask": (ids != pad_id).long(),
+                "labels": torch.tensor([labels[i] for i in rows]),
+            }
+        )
     return batches
 
 
 # ------------------------------------------------------------------ train / evaluate
 
+
 @dataclass
 class TrainResult:
     """What a training run leaves behind: curves, evaluations and its cost."""
-    losses: list = field(default_factory=list)    # training loss of every step
-    evals: list = field(default_factory=list)     # evaluate(...) on eval_batches, each with its "step"
-    wall_time_s: float = 0.0                       # training steps only, evaluation excluded
+
+    losses: list = field(default_factory=list)  # training loss of every step
+    evals: list = field(default_factory=list)  # evaluate(...) on eval_batches, each with its "step"
+    wall_time_s: float = 0.0  # training steps only, evaluation excluded
     steps: int = 0
     peak_memory_mib: float = 0.0
     memory_kind: str = ""
-    precision: str = ""                            # choose_precision(device): "bf16", "fp16" or "fp32"
+    precision: str = ""  # choose_precision(device): "bf16", "fp16" or "fp32"
 
     @property
     def steps_per_s(self) -> float:
@@ -138,9 +151,21 @@ def train_step(model: nn.Module, batch: dict, optimizer, scaler, params, max_gra
     return loss.item()
 
 
-def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | None = None, param_groups=None,
-          epochs: int = 1, eval_every: int | None = None, warmup_ratio: float = 0.06, weight_decay: float = 0.01,
-          max_grad_norm: float = 1.0, device=None, desc: str = "train") -> TrainResult:
+def train(
+    model: nn.Module,
+    train_batches,
+    eval_batches=None,
+    *,
+    lr: float | None = None,
+    param_groups=None,
+    epochs: int = 1,
+    eval_every: int | None = None,
+    warmup_ratio: float = 0.06,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 1.0,
+    device=None,
+    desc: str = "train",
+) -> TrainResult:
     """Train the parameters that have ``requires_grad``; evaluate on ``eval_batches`` as it goes.
 
     ``lr`` trains every trainable parameter at one rate; ``param_groups`` (a list of
@@ -158,8 +183,9 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | Non
     if not params:
         raise ValueError("no trainable parameters: use mark_only_lora_trainable / freeze_all_except first")
     if len(train_batches) == 0:
-        raise ValueError("train_batches is empty: nothing to train on (no training reviews? a batch list built "
-                         "from an empty split?)")
+        raise ValueError(
+            "train_batches is empty: nothing to train on (no training reviews? a batch list built from an empty split?)"
+        )
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"epochs must be a whole number >= 1, got {epochs!r}")
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
@@ -167,13 +193,16 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | Non
     warmup = max(1, int(warmup_ratio * total))
     # Linear warm-up to each group's lr over `warmup` steps, then linear decay to 0 at the last step.
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
     precision = choose_precision(device)
     scaler = _grad_scaler(precision)
     result = TrainResult(precision=precision)
     if device.type == "cuda":  # on CPU it is always fp32: no line, so CPU outputs stay as they were
-        print(f"{desc}: {precision} on {torch.cuda.get_device_name(device)}"
-              + (" (fp16 autocast + GradScaler)" if precision == "fp16" else ""))
+        print(
+            f"{desc}: {precision} on {torch.cuda.get_device_name(device)}"
+            + (" (fp16 autocast + GradScaler)" if precision == "fp16" else "")
+        )
 
     def evaluate_now(step):
         if eval_batches is not None:
@@ -186,8 +215,13 @@ def train(model: nn.Module, train_batches, eval_batches=None, *, lr: float | Non
             model.train()
             # a plain-text bar on stdout: in a notebook it updates in place and leaves its last line as a
             # record (a widget bar shows "model not found" once the notebook is saved and reopened)
-            bar = tqdm(train_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", file=sys.stdout, ncols=100,
-                       disable=_bars_disabled())
+            bar = tqdm(
+                train_batches,
+                desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                file=sys.stdout,
+                ncols=100,
+                disable=_bars_disabled(),
+            )
             for batch in bar:
                 start = time.perf_counter()  # wall time counts training steps, not evaluation
                 loss = train_step(model, batch, optimizer, scaler, params, max_grad_norm, device)
@@ -228,8 +262,13 @@ def evaluate(model: nn.Module, batches, device=None) -> dict:
             confusion[t, p] += 1
     if n == 0:
         raise ValueError("the batches hold no examples: accuracy and loss are undefined on an empty test set")
-    return {"accuracy": confusion.diag().sum().item() / n, "loss": loss_sum / n, "n": n,
-            "confusion": confusion.tolist(), "predictions": predictions}
+    return {
+        "accuracy": confusion.diag().sum().item() / n,
+        "loss": loss_sum / n,
+        "n": n,
+        "confusion": confusion.tolist(),
+        "predictions": predictions,
+    }
 
 
 @torch.no_grad()
@@ -251,5 +290,11 @@ def predict(model: nn.Module, tokenizer, texts, max_length: int = 256, device=No
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     probs = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().softmax(-1).cpu()
     names = {0: "negative", 1: "positive"}
-    return [{"label": int(p.argmax()), "sentiment": names.get(int(p.argmax()), str(int(p.argmax()))),
-             "p_positive": float(p[-1])} for p in probs]
+    return [
+        {
+            "label": int(p.argmax()),
+            "sentiment": names.get(int(p.argmax()), str(int(p.argmax()))),
+            "p_positive": float(p[-1]),
+        }
+        for p in probs
+    ]

@@ -9,12 +9,13 @@ pretrained one. Symbols follow the paper and Microsoft's ``loralib``.
 Introduced in notebook 02 (``02_lora_linear_from_scratch.ipynb``), where it is
 first written out cell by cell; every later notebook imports it from here.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ class LoRALinear(nn.Module):
     State: besides ``lora_A``/``lora_B`` (and ``base.weight``/``base.bias``), the
     ``state_dict`` holds two flags, ``lora_merged`` (``base.weight`` holds
     ``W0 + scaling * B A``) and ``lora_pissa`` (``base.weight`` is the residual left by
-    ``experiments.pissa_init_``), so that a state always says what its ``base.weight`` is.
+    ``pissa_init_``), so that a state always says what its ``base.weight`` is.
     ``load_state_dict`` keeps ``W0`` exact:
 
     * a state with ``base.weight`` and its flags is taken as it is (a merged state stays
@@ -50,8 +51,9 @@ class LoRALinear(nn.Module):
     (``A`` random, ``B`` zero) and load ``W0`` into ``base``.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(
+        self, base: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False
+    ):
         super().__init__()
         r, lora_alpha, lora_dropout = _check_lora_args(base, r, lora_alpha, lora_dropout)
         self.base = base
@@ -65,7 +67,7 @@ class LoRALinear(nn.Module):
         self.reset_parameters()
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False  # True while base.weight holds W0 + scaling * B A
-        self.pissa = False   # True after experiments.pissa_init_: base.weight is W0 minus its top-r part
+        self.pissa = False  # True after pissa_init_: base.weight is W0 minus its top-r part
         self._pending_load = None
         self.register_load_state_dict_post_hook(_finish_load)
 
@@ -99,7 +101,8 @@ class LoRALinear(nn.Module):
                     "this LoRALinear is merged: lora_A/lora_B would get no gradient and a later "
                     "unmerge() would subtract a different update. Call unmerge() (or "
                     "unmerge_lora(model)) before training, or use model.eval() / torch.no_grad() "
-                    "for inference.")
+                    "for inference."
+                )
             return self.base(x)  # W0 already holds W0 + scaling * B A
         # Two thin matmuls (x A^T, then B^T): never forms the d_out x d_in product.
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
@@ -120,9 +123,11 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
-                + (", pissa=True" if self.pissa else ""))
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+            + (", pissa=True" if self.pissa else "")
+        )
 
     # -------------------------------------------------------------- state_dict
     # The two flags travel with the tensors, so that a state says what its base.weight holds.
@@ -133,26 +138,31 @@ class LoRALinear(nn.Module):
         for key, value in ((MERGED_KEY, self.merged), (PISSA_KEY, self.pissa)):
             destination[prefix + key] = torch.tensor(value, device=device)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         flags = {key: bool(state_dict[prefix + key]) for key in (MERGED_KEY, PISSA_KEY) if prefix + key in state_dict}
         has_w = prefix + "base.weight" in state_dict
         has_ab = [prefix + p in state_dict for p in ("lora_A", "lora_B")]
         name = prefix.rstrip(".") or "LoRALinear"
         if has_w and flags.get(MERGED_KEY) and not all(has_ab):
-            error_msgs.append(f"{name}: the state holds a merged base.weight (W0 + scaling * B A) without its "
-                              "lora_A and lora_B, so the update in it cannot be taken out again; load a complete "
-                              "state_dict")
+            error_msgs.append(
+                f"{name}: the state holds a merged base.weight (W0 + scaling * B A) without its "
+                "lora_A and lora_B, so the update in it cannot be taken out again; load a complete "
+                "state_dict"
+            )
             has_w = False  # handled below as if base.weight were absent: W0 stays as it is
         if not has_w and PISSA_KEY in flags and flags[PISSA_KEY] != self.pissa:
-            error_msgs.append(f"{name}: the state's lora_A/lora_B were made for a base weight "
-                              f"{'with' if flags[PISSA_KEY] else 'without'} the PiSSA residual, this layer's is "
-                              f"{'' if self.pissa else 'not '}one; load a state that includes base.weight")
+            error_msgs.append(
+                f"{name}: the state's lora_A/lora_B were made for a base weight "
+                f"{'with' if flags[PISSA_KEY] else 'without'} the PiSSA residual, this layer's is "
+                f"{'' if self.pissa else 'not '}one; load a state that includes base.weight"
+            )
         if has_w or any(has_ab) or MERGED_KEY in flags:
             wanted = flags.get(MERGED_KEY, self.merged)  # no flag in the state: the layer stays as it was
-            if has_w:   # the incoming W0 holds the update exactly when the state says so (no flag: it does not)
+            if has_w:  # the incoming W0 holds the update exactly when the state says so (no flag: it does not)
                 form = flags.get(MERGED_KEY, False)
-            else:       # our own W0 stays: take the current update out of it before A and B change
+            else:  # our own W0 stays: take the current update out of it before A and B change
                 self.unmerge()
                 form = False
             self._pending_load = (form, wanted, flags.get(PISSA_KEY, False) if has_w else self.pissa)
@@ -183,12 +193,16 @@ def _check_lora_args(base, r, lora_alpha, lora_dropout) -> tuple[int, float, flo
     max_r = min(base.in_features, base.out_features)
     # numbers.Integral admits NumPy integers (np.int64(4)); bool is not a rank, nor is 2.0
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= max_r:
-        raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, {max_r}] "
-                         f"for a {base.in_features}->{base.out_features} layer, got {r!r}")
+        raise ValueError(
+            f"r must be an int in [1, min(in_features, out_features)] = [1, {max_r}] "
+            f"for a {base.in_features}->{base.out_features} layer, got {r!r}"
+        )
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-        raise TypeError(f"lora_alpha must be > 0, a number (scaling = lora_alpha / r), got "
-                        f"{type(lora_alpha).__name__} {lora_alpha!r}" + (": write it without quotes" if
-                                                                       isinstance(lora_alpha, str) else ""))
+        raise TypeError(
+            f"lora_alpha must be > 0, a number (scaling = lora_alpha / r), got "
+            f"{type(lora_alpha).__name__} {lora_alpha!r}"
+            + (": write it without quotes" if isinstance(lora_alpha, str) else "")
+        )
     if not (math.isfinite(lora_alpha) and lora_alpha > 0):
         raise ValueError(f"lora_alpha must be > 0 and finite (scaling = lora_alpha / r), got {lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
@@ -197,7 +211,61 @@ def _check_lora_args(base, r, lora_alpha, lora_dropout) -> tuple[int, float, flo
     return int(r), alpha, float(lora_dropout)
 
 
+def lora_parameters(shapes, r: int) -> int:
+    """Trainable parameters of rank-``r`` LoRA on matrices of the given ``(d_in, d_out)`` shapes.
+
+    ``A`` is ``r x d_in`` and ``B`` is ``d_out x r``: ``r (d_in + d_out)`` per matrix, against
+    ``d_in d_out`` for the matrix itself (notebook 02). The one count every table uses.
+    """
+    return sum(r * (d_in + d_out) for d_in, d_out in shapes)
+
+
+# ---------------------------------------------------------------- an init variant: PiSSA (notebook 05)
+
+
+@torch.no_grad()
+def pissa_init_(layer: LoRALinear) -> LoRALinear:
+    """Initialise ``layer`` from the top-r singular directions of its weight, in place (PiSSA-like).
+
+    With ``W = U S V^T`` and the principal part ``P = U_r S_r V_r^T``:
+    ``B = U_r sqrt(S_r) / sqrt(s)``, ``A = sqrt(S_r) V_r^T / sqrt(s)`` (``s`` the
+    layer's scaling), so ``s * B A = P``, and the frozen weight becomes the
+    residual ``W - P``. The layer's output is unchanged; training now starts on
+    W's principal directions instead of on a zero update (Meng et al. 2024).
+
+    The layer is marked (``layer.pissa = True``, also in its ``state_dict``):
+    ``save_adapter`` records it and ``load_adapter`` makes the same residual from a
+    fresh base model. A second call on the same layer is refused (it would take the
+    residual's own top part out too).
+    """
+    if not isinstance(layer, LoRALinear):
+        raise TypeError(f"pissa_init_ needs a LoRALinear, got {type(layer).__name__}")
+    if layer.merged:
+        raise RuntimeError("pissa_init_ on a merged layer: unmerge() it first")
+    if layer.pissa:
+        raise RuntimeError(
+            "this layer is already PiSSA-initialised: its base weight is the residual W - P, and a "
+            "second call would remove the residual's top part too. Start from a fresh layer"
+        )
+    W = layer.base.weight
+    if not isinstance(W, nn.Parameter):
+        raise TypeError(
+            f"pissa_init_ needs a base whose weight is stored ({type(layer.base).__name__} computes it, "
+            "e.g. an NF4 base): dequantise the base first (layer.base = layer.base.dequantize())"
+        )
+    U, S, Vh = torch.linalg.svd(W.detach().double().cpu(), full_matrices=False)  # float64 on CPU: exact, any device
+    r, root_s = layer.r, math.sqrt(layer.scaling)
+    root = S[: layer.r].sqrt()
+    principal = (U[:, :r] * S[:r]) @ Vh[:r]
+    layer.lora_B.copy_((U[:, :r] * root) / root_s)
+    layer.lora_A.copy_((root[:, None] * Vh[:r]) / root_s)
+    W.copy_(W.double().cpu() - principal)
+    layer.pissa = True
+    return layer
+
+
 # ---------------------------------------------------------------- whole models
+
 
 def _matches(name: str, targets: Iterable[str]) -> bool:
     """``True`` if a qualified module name ends with one of the targets on a dot boundary."""
@@ -215,8 +283,14 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wrapped]
 
 
-def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 16,
-               lora_dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    target_modules,
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> list[str]:
     """Replace every ``nn.Linear`` whose name ends with a target by a ``LoRALinear``, in place.
 
     ``target_modules`` is a name or a list of names matched on a dot boundary
@@ -240,16 +314,22 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     for t in targets:
         hits = list(dict.fromkeys(first_name[id(m)] for n, m in every_name if n and _matches(n, [t])))
         if any(n in wrapped for n in hits):
-            raise ValueError(f"target {t!r} is already LoRA-wrapped ({[n for n in hits if n in wrapped][:3]}); "
-                             "use a fresh model, or merge_and_unload(model) first")
+            raise ValueError(
+                f"target {t!r} is already LoRA-wrapped ({[n for n in hits if n in wrapped][:3]}); "
+                "use a fresh model, or merge_and_unload(model) first"
+            )
         lin_hits = [n for n in hits if n in linears]
         if not lin_hits:
             if hits:
                 kinds = sorted({type(modules[n]).__name__ for n in hits})
-                raise TypeError(f"target {t!r} matches {kinds} modules, not nn.Linear; LoRALinear only "
-                                f"wraps nn.Linear. Linear layers here: {_summarise(linears + sorted(wrapped))}")
-            raise ValueError(f"target {t!r} matches no nn.Linear in {type(model).__name__}. "
-                             f"Linear layers here: {_summarise(linears + sorted(wrapped))}")
+                raise TypeError(
+                    f"target {t!r} matches {kinds} modules, not nn.Linear; LoRALinear only "
+                    f"wraps nn.Linear. Linear layers here: {_summarise(linears + sorted(wrapped))}"
+                )
+            raise ValueError(
+                f"target {t!r} matches no nn.Linear in {type(model).__name__}. "
+                f"Linear layers here: {_summarise(linears + sorted(wrapped))}"
+            )
         chosen += [n for n in lin_hits if n not in chosen]
     for n in chosen:  # validate every layer before changing any
         _check_lora_args(modules[n], r, lora_alpha, lora_dropout)
@@ -273,8 +353,9 @@ def _name_list(names, what: str) -> list[str]:
     try:
         names = list(names)
     except TypeError:
-        raise TypeError(f"{what} must be a module name or a list of names (e.g. ['q_lin', 'v_lin']), "
-                        f"got {names!r}") from None
+        raise TypeError(
+            f"{what} must be a module name or a list of names (e.g. ['q_lin', 'v_lin']), got {names!r}"
+        ) from None
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
         raise TypeError(f"{what} must hold module names (str), got {bad[:3]!r}")
@@ -299,8 +380,10 @@ def freeze_all_except(model: nn.Module, module_names: Iterable[str] = ()) -> lis
         hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, [t])]
         if not hits:
             top = [n for n, _ in model.named_children()]
-            raise ValueError(f"no module named {t!r} in {type(model).__name__}; top-level modules: {top}, "
-                             f"Linear layers: {_summarise(linear_names(model))}")
+            raise ValueError(
+                f"no module named {t!r} in {type(model).__name__}; top-level modules: {top}, "
+                f"Linear layers: {_summarise(linear_names(model))}"
+            )
         found += hits
     for p in model.parameters():
         p.requires_grad_(False)
@@ -355,6 +438,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 @dataclass
 class ParamCount:
     """Trainable and total parameters; ``print`` it for a one-line summary."""
+
     trainable: int
     total: int
 
@@ -363,8 +447,7 @@ class ParamCount:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} "
-                f"|| trainable: {self.percent:.2f}%")
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable: {self.percent:.2f}%"
 
 
 def count_parameters(model: nn.Module) -> ParamCount:

@@ -18,32 +18,27 @@ and the head train); the weights stay. This module gives
   three parts by arithmetic, in bytes;
 * ``measure_training_memory(model, batch, ...)`` - all four, measured on a real
   training step in PyTorch;
-* ``lora_trainable_params(...)``, ``PAPER_MODELS`` and ``paper_scaling_table(...)``
+* ``PAPER_MODELS`` (with ``PaperModel.lora_params``) and ``paper_scaling_table(...)``
   - the same arithmetic for DistilBERT (66M) and a 7B model, on paper, with
   the precision assumptions spelled out in ``PRECISIONS``;
-* ``PeakMemory`` / ``memory_now_mib`` - the peak and the current memory of the
-  process (CPU: resident set size; CUDA: allocated tensors), used by the
-  training loop (notebook 03) and the comparison (notebook 04).
 
 Notebook 07 adds ``weight_bytes`` (parameters *and* buffers: an NF4 layer keeps its
 codes in buffers), ``enable_activation_checkpointing`` and, on paper, ``activation_bytes``
 and ``fits_table`` (1B-70B models on 16/24/80 GB GPUs).
 
-This is the one place where memory is measured. Introduced in notebook 06
-(``06_adapters_in_practice.ipynb``); ``PeakMemory`` first appears in notebook 03.
+Introduced in notebook 06 (``06_adapters_in_practice.ipynb``); the process's peak memory during
+training is ``utils.PeakMemory`` (notebook 03).
 """
+
 from __future__ import annotations
 
-import ctypes
-import gc
-import os
-import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
+from .lora import lora_parameters
 from .quant import bits_per_weight
 
 MiB, GiB = 2**20, 2**30
@@ -51,8 +46,10 @@ MiB, GiB = 2**20, 2**30
 # running averages an optimizer keeps per trainable parameter
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0}
 
-ACTIVATIONS_NOTE = ("activations are not in the formula: they scale with batch size x sequence length x layers "
-                    "(and shrink with gradient checkpointing), so they are measured")
+ACTIVATIONS_NOTE = (
+    "activations are not in the formula: they scale with batch size x sequence length x layers "
+    "(and shrink with gradient checkpointing), so they are measured"
+)
 
 
 def _states(optimizer: str) -> int:
@@ -61,9 +58,16 @@ def _states(optimizer: str) -> int:
     return OPTIMIZER_STATES[optimizer]
 
 
-def training_memory_formula(n_params_total: int, n_trainable: int, bytes_per_param: int = 4,
-                            optimizer: str = "adamw", *, grad_bytes: int | None = None,
-                            state_bytes: int | None = None, master_weights: bool = False) -> dict:
+def training_memory_formula(
+    n_params_total: int,
+    n_trainable: int,
+    bytes_per_param: int = 4,
+    optimizer: str = "adamw",
+    *,
+    grad_bytes: int | None = None,
+    state_bytes: int | None = None,
+    master_weights: bool = False,
+) -> dict:
     """Bytes of weights, gradients and optimizer state for one model, by arithmetic.
 
     Args:
@@ -86,85 +90,16 @@ def training_memory_formula(n_params_total: int, n_trainable: int, bytes_per_par
         raise ValueError(f"need 0 <= n_trainable <= n_params_total, got {n_trainable:,} and {n_params_total:,}")
     grad_bytes = bytes_per_param if grad_bytes is None else grad_bytes
     state_bytes = bytes_per_param if state_bytes is None else state_bytes
-    out = {"weights": n_params_total * bytes_per_param,
-           "gradients": n_trainable * grad_bytes,
-           "optimizer_state": n_trainable * (_states(optimizer) * state_bytes + (4 if master_weights else 0))}
+    out = {
+        "weights": n_params_total * bytes_per_param,
+        "gradients": n_trainable * grad_bytes,
+        "optimizer_state": n_trainable * (_states(optimizer) * state_bytes + (4 if master_weights else 0)),
+    }
     out["total"] = sum(out.values())
     return out
 
 
 # ------------------------------------------------------------------ measurement
-
-class PeakMemory:
-    """Peak memory while the ``with`` block runs, in MiB.
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors only). On CPU (Linux):
-    the process's peak resident set size, read from the kernel's high-water mark
-    (``VmHWM`` in ``/proc/self/status``) after resetting it through
-    ``/proc/self/clear_refs``; it includes everything the process holds, not only
-    tensors. Where the mark cannot be reset, a background thread samples the RSS
-    every 50 ms instead (a faster sampler competes with training for the GIL).
-    Elsewhere the peak is reported as 0.
-    """
-
-    def __init__(self, device):
-        self.device, self.peak_mib, self._stop = torch.device(device), 0.0, threading.Event()
-        self.kind = "cuda max allocated" if self.device.type == "cuda" else "process RSS"
-        self._hwm = False
-
-    @staticmethod
-    def rss_mib() -> float:
-        with open("/proc/self/statm") as f:  # Linux; elsewhere we report 0
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    @staticmethod
-    def _high_water_mib() -> float:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024  # kB
-
-    def _sample(self):
-        while not self._stop.wait(0.05):
-            self.peak_mib = max(self.peak_mib, self.rss_mib())
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        if not os.path.exists("/proc/self/statm"):
-            return self
-        self.peak_mib = self.rss_mib()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS to the current RSS
-            self._hwm = True
-        except OSError:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self._hwm:
-            self.peak_mib = max(self.peak_mib, self._high_water_mib())
-        elif hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-        return False
-
-
-def memory_now_mib(device) -> float:
-    """Tensors allocated on a GPU; on CPU the process's resident set size (after returning freed memory)."""
-    gc.collect()
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:  # glibc keeps freed blocks; hand them back so that the RSS baseline is honest
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    return PeakMemory.rss_mib() if os.path.exists("/proc/self/statm") else 0.0
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -198,8 +133,10 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        raise TypeError(f"{type(model).__name__} has no checkpointing switch: wrap its blocks with "
-                        "torch.utils.checkpoint.checkpoint yourself")
+        raise TypeError(
+            f"{type(model).__name__} has no checkpointing switch: wrap its blocks with "
+            "torch.utils.checkpoint.checkpoint yourself"
+        )
 
 
 def _default_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -207,8 +144,9 @@ def _default_loss(model: nn.Module, batch) -> torch.Tensor:
     return out.loss if hasattr(out, "loss") else out
 
 
-def measure_training_memory(model: nn.Module, batch, optimizer: str = "adamw", lr: float = 1e-4,
-                            loss_fn: Callable | None = None) -> dict:
+def measure_training_memory(
+    model: nn.Module, batch, optimizer: str = "adamw", lr: float = 1e-4, loss_fn: Callable | None = None
+) -> dict:
     """Measure, in bytes, what PyTorch holds for one training step of ``model`` on ``batch``.
 
     * ``weights``: the distinct storages of all parameters;
@@ -239,9 +177,11 @@ def measure_training_memory(model: nn.Module, batch, optimizer: str = "adamw", l
     model_devices = {p.device for p in params}
     stray = sorted({str(t.device) for t in batch_tensors if torch.is_tensor(t) and t.device not in model_devices})
     if stray:
-        raise ValueError(f"the batch is on {', '.join(stray)} but the model is on "
-                         f"{', '.join(sorted(map(str, model_devices)))}: move the batch first, "
-                         "e.g. {k: v.to(device) for k, v in batch.items()}")
+        raise ValueError(
+            f"the batch is on {', '.join(stray)} but the model is on "
+            f"{', '.join(sorted(map(str, model_devices)))}: move the batch first, "
+            "e.g. {k: v.to(device) for k, v in batch.items()}"
+        )
     excluded = {_storage_key(t) for t in params + [t for t in batch_tensors if torch.is_tensor(t)]}
 
     saved: dict[tuple, int] = {}
@@ -273,22 +213,17 @@ def measure_training_memory(model: nn.Module, batch, optimizer: str = "adamw", l
                 p.copy_(old)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    out = {"weights": _storage_bytes(params), "gradients": gradients, "optimizer_state": optimizer_state,
-           "activations": sum(saved.values())}
+    out = {
+        "weights": _storage_bytes(params),
+        "gradients": gradients,
+        "optimizer_state": optimizer_state,
+        "activations": sum(saved.values()),
+    }
     out["total"] = sum(out.values())
     return out
 
 
 # ------------------------------------------------------------------ on paper
-
-def lora_trainable_params(n_layers: int, d_in: int, d_out: int | None = None, r: int = 8,
-                          matrices_per_layer: int = 2, head_params: int = 0) -> int:
-    """LoRA's trainable parameters: ``r (d_in + d_out)`` per adapted matrix, plus a trained head.
-
-    The paper's GLUE setting adapts ``W_q`` and ``W_v`` (``matrices_per_layer=2``) of every layer.
-    """
-    d_out = d_in if d_out is None else d_out
-    return n_layers * matrices_per_layer * r * (d_in + d_out) + head_params
 
 
 @dataclass(frozen=True)
@@ -299,18 +234,25 @@ class PaperModel:
     and up d -> d_ff, down d_ff -> d: LLaMA). ``norm``: ``"layernorm"`` or ``"rmsnorm"``.
     ``language_model``: a decoder with an output layer over the vocabulary (no new head).
     """
+
     name: str
-    n_params: int           # all parameters, head included
+    n_params: int  # all parameters, head included
     n_layers: int
     d_model: int
     n_heads: int
     d_ff: int
     vocab_size: int
-    n_kv_heads: int | None = None   # grouped-query attention: fewer K, V heads (None: as many as n_heads)
+    n_kv_heads: int | None = None  # grouped-query attention: fewer K, V heads (None: as many as n_heads)
     mlp: str = "swiglu"
     norm: str = "rmsnorm"
     language_model: bool = True
-    head_params: int = 0    # a new task head trained alongside LoRA (0 for a language model)
+    head_params: int = 0  # a new task head trained alongside LoRA (0 for a language model)
+    tied_embeddings: bool = False  # the output layer shares the input embedding's weights
+
+    @property
+    def embedding_params(self) -> int:
+        """The input embedding's parameters and, if not tied to it, the output layer's."""
+        return self.vocab_size * self.d_model * (2 if self.language_model and not self.tied_embeddings else 1)
 
     @property
     def d_kv(self) -> int:
@@ -332,37 +274,71 @@ class PaperModel:
         unknown = sorted(set(names) - set(shapes))
         if unknown:
             raise ValueError(f"{self.name} has no {unknown} in its blocks: choose from {list(shapes)} or 'all'")
-        return self.n_layers * sum(r * sum(shapes[n]) for n in names) + self.head_params
+        return self.n_layers * lora_parameters((shapes[n] for n in names), r) + self.head_params
 
 
 PAPER_MODELS = {
     # DistilBertForSequenceClassification with 2 labels: 66,362,880 backbone + 592,130 head
-    "distilbert": PaperModel("DistilBERT-base, 2-label head", 66_955_010, 6, 768, n_heads=12, d_ff=3072,
-                             vocab_size=30522, mlp="gelu", norm="layernorm", language_model=False,
-                             head_params=768 * 768 + 768 + 768 * 2 + 2),
+    "distilbert": PaperModel(
+        "DistilBERT-base, 2-label head",
+        66_955_010,
+        6,
+        768,
+        n_heads=12,
+        d_ff=3072,
+        vocab_size=30522,
+        mlp="gelu",
+        norm="layernorm",
+        language_model=False,
+        head_params=768 * 768 + 768 + 768 * 2 + 2,
+    ),
     # the published parameter counts and configurations of LLaMA-3.2-1B and LLaMA-2-7B, -13B, -70B
-    "1b": PaperModel("1B decoder (LLaMA-3.2-1B shape)", 1_235_814_400, 16, 2048, n_heads=32, n_kv_heads=8,
-                     d_ff=8192, vocab_size=128_256),
-    "7b": PaperModel("7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096, n_heads=32, d_ff=11008,
-                     vocab_size=32_000),
-    "13b": PaperModel("13B decoder (LLaMA-2-13B shape)", 13_015_864_320, 40, 5120, n_heads=40, d_ff=13824,
-                      vocab_size=32_000),
-    "70b": PaperModel("70B decoder (LLaMA-2-70B shape)", 68_976_648_192, 80, 8192, n_heads=64, n_kv_heads=8,
-                      d_ff=28672, vocab_size=32_000),
+    "1b": PaperModel(
+        "1B decoder (LLaMA-3.2-1B shape)",
+        1_235_814_400,
+        16,
+        2048,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=8192,
+        vocab_size=128_256,
+        tied_embeddings=True,
+    ),
+    "7b": PaperModel(
+        "7B decoder (LLaMA-2-7B shape)", 6_738_415_616, 32, 4096, n_heads=32, d_ff=11008, vocab_size=32_000
+    ),
+    "13b": PaperModel(
+        "13B decoder (LLaMA-2-13B shape)", 13_015_864_320, 40, 5120, n_heads=40, d_ff=13824, vocab_size=32_000
+    ),
+    "70b": PaperModel(
+        "70B decoder (LLaMA-2-70B shape)",
+        68_976_648_192,
+        80,
+        8192,
+        n_heads=64,
+        n_kv_heads=8,
+        d_ff=28672,
+        vocab_size=32_000,
+    ),
 }
 
 # name -> (description, formula keyword arguments)
 PRECISIONS = {
-    "fp32": ("fp32 weights, gradients and AdamW states (4 bytes each); what torch does on a CPU",
-             dict(bytes_per_param=4)),
-    "mixed": ("bf16/fp16 weights and gradients (2 bytes), fp32 AdamW states and an fp32 master copy of each "
-              "trained weight (4 + 4 + 4 bytes): the usual mixed-precision recipe, 16 bytes per trained parameter",
-              dict(bytes_per_param=2, grad_bytes=2, state_bytes=4, master_weights=True)),
+    "fp32": (
+        "fp32 weights, gradients and AdamW states (4 bytes each); what torch does on a CPU",
+        dict(bytes_per_param=4),
+    ),
+    "mixed": (
+        "bf16/fp16 weights and gradients (2 bytes), fp32 AdamW states and an fp32 master copy of each "
+        "trained weight (4 + 4 + 4 bytes): the usual mixed-precision recipe, 16 bytes per trained parameter",
+        dict(bytes_per_param=2, grad_bytes=2, state_bytes=4, master_weights=True),
+    ),
 }
 
 
-def paper_scaling_table(models: Iterable[str] = ("distilbert", "7b"), r: int = 8,
-                        precisions: Iterable[str] = ("fp32", "mixed")) -> list[dict]:
+def paper_scaling_table(
+    models: Iterable[str] = ("distilbert", "7b"), r: int = 8, precisions: Iterable[str] = ("fp32", "mixed")
+) -> list[dict]:
     """Rows ``{model, method, precision, n_params, n_trainable, weights, gradients, optimizer_state, total}``.
 
     Full fine-tuning vs LoRA (rank ``r`` on ``W_q``, ``W_v`` of every layer, the paper's GLUE
@@ -376,32 +352,67 @@ def paper_scaling_table(models: Iterable[str] = ("distilbert", "7b"), r: int = 8
         lora = m.lora_params(r)
         for precision in precisions:
             kwargs = PRECISIONS[precision][1]
-            for method, n_total, n_trainable in (("full", m.n_params, m.n_params),
-                                                 (f"LoRA r={r}", m.n_params + lora - m.head_params, lora)):
-                rows.append({"model": m.name, "method": method, "precision": precision, "n_params": n_total,
-                             "n_trainable": n_trainable, **training_memory_formula(n_total, n_trainable, **kwargs)})
+            for method, n_total, n_trainable in (
+                ("full", m.n_params, m.n_params),
+                (f"LoRA r={r}", m.n_params + lora - m.head_params, lora),
+            ):
+                rows.append(
+                    {
+                        "model": m.name,
+                        "method": method,
+                        "precision": precision,
+                        "n_params": n_total,
+                        "n_trainable": n_trainable,
+                        **training_memory_formula(n_total, n_trainable, **kwargs),
+                    }
+                )
     return rows
 
 
 # ------------------------------------------------------------------ activations, estimated (notebook 07)
 
+
 def paper_model_from_config(config, name: str = "") -> PaperModel:
     """A ``PaperModel`` with the shapes of a Hugging Face DistilBERT or LLaMA configuration (``n_params`` 0)."""
     kind = type(config).__name__
     if kind == "DistilBertConfig":
-        return PaperModel(name or "DistilBERT layout", 0, config.n_layers, config.dim, n_heads=config.n_heads,
-                          d_ff=config.hidden_dim, vocab_size=config.vocab_size, mlp="gelu", norm="layernorm",
-                          language_model=False)
+        return PaperModel(
+            name or "DistilBERT layout",
+            0,
+            config.n_layers,
+            config.dim,
+            n_heads=config.n_heads,
+            d_ff=config.hidden_dim,
+            vocab_size=config.vocab_size,
+            mlp="gelu",
+            norm="layernorm",
+            language_model=False,
+        )
     if kind == "LlamaConfig":
-        return PaperModel(name or "LLaMA layout", 0, config.num_hidden_layers, config.hidden_size,
-                          n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
-                          d_ff=config.intermediate_size, vocab_size=config.vocab_size)
+        return PaperModel(
+            name or "LLaMA layout",
+            0,
+            config.num_hidden_layers,
+            config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads,
+            d_ff=config.intermediate_size,
+            vocab_size=config.vocab_size,
+        )
     raise TypeError(f"no activation layout for {kind}: describe the model with PaperModel(...) yourself")
 
 
-def activation_bytes(model: PaperModel, seq_len: int, batch: int = 1, *, bytes_per_value: int = 2,
-                     attention: str = "fused", dropout: bool = False, mask_bytes: int = 1,
-                     checkpointing: bool = False) -> dict:
+def activation_bytes(
+    model: PaperModel,
+    seq_len: int,
+    batch: int = 1,
+    *,
+    bytes_per_value: int = 2,
+    attention: str = "fused",
+    dropout: bool = False,
+    mask_bytes: int = 1,
+    checkpointing: bool = False,
+) -> dict:
     """What the forward pass keeps for backward, estimated tensor by tensor, in bytes.
 
     The count follows Korthikanti et al. 2022 (arXiv 2205.05198, Section 4.1), generalised:
@@ -414,7 +425,9 @@ def activation_bytes(model: PaperModel, seq_len: int, batch: int = 1, *, bytes_p
       kernel (``"fused"``: FlashAttention, PyTorch's SDPA) keeps one log-sum-exp per row instead;
     * **MLP**: its input and, per hidden unit, the GELU's input and output (``2 d_ff``), or for
       SwiGLU the gate, up, SiLU and product tensors (``4 d_ff``);
-    * **norms**: each of the two keeps its input; an RMSNorm (LLaMA) also its normalised output;
+    * **norms**: each of the two keeps its input (``p`` bytes per value); Hugging Face's RMSNorm
+      (LLaMA) computes in fp32 and keeps an fp32 copy of its input and its normalised output
+      (``4 + p`` bytes);
     * **dropout** (``dropout=True``): one mask of ``mask_bytes`` per value at every dropout site
       (two on the residual stream per GPT block, one after DistilBERT's MLP).
 
@@ -436,24 +449,29 @@ def activation_bytes(model: PaperModel, seq_len: int, batch: int = 1, *, bytes_p
     p, d, T = bytes_per_value, model.d_model, seq_len * batch
     td = T * d
     n_mlp = 2 if model.mlp == "gelu" else 4
-    per_norm = 1 if model.norm == "layernorm" else 2
-    values = (3 + 2 * model.d_kv / d) * td + (td + n_mlp * model.d_ff * T) + 2 * per_norm * td
+    norm = p if model.norm == "layernorm" else 4 + p  # bytes per value that one norm keeps
+    values = (3 + 2 * model.d_kv / d) * td + (td + n_mlp * model.d_ff * T)
     scores = model.n_heads * seq_len * seq_len * batch
-    block = p * values
+    block = p * values + 2 * norm * td
     if attention == "eager":
         block += (2 * p + mask_bytes) * scores if dropout else p * scores
     if dropout:
         block += (1 if not model.language_model else 2) * mask_bytes * td
     if model.language_model:
-        outside = p * (per_norm * td + td)        # the final norm and the output layer's input
+        outside = norm * td + p * td  # the final norm and the output layer's input
         logits = 4 * T * model.vocab_size
     else:
         outside = p * (td + td) + (mask_bytes * td if dropout else 0)  # embedding norm (+ mask), the head's input
         logits = 0
     blocks = p * td * model.n_layers if checkpointing else block * model.n_layers
     kept = int(blocks + outside + logits)
-    return {"blocks": int(blocks), "outside": int(outside), "logits": int(logits), "kept": kept,
-            "peak": kept + int(block if checkpointing else 0)}
+    return {
+        "blocks": int(blocks),
+        "outside": int(outside),
+        "logits": int(logits),
+        "kept": kept,
+        "peak": kept + int(block if checkpointing else 0),
+    }
 
 
 QLORA_BITS = bits_per_weight(double_quant=True)  # NF4 with double quantisation: 4.127 bits per weight (quant.py)
@@ -463,18 +481,25 @@ QLORA_BITS = bits_per_weight(double_quant=True)  # NF4 with double quantisation:
 LORA_RECIPES = {"paper": ("q,v", ("q", "v"), 8), "qlora": ("all linear", "all", 64)}
 
 
-def fits_table(models: Iterable[str] = ("1b", "7b", "13b", "70b"), seq_len: int = 1024, batch: int = 1,
-               gpus_gib: Iterable[int] = (16, 24, 80), recipes: Iterable[str] = ("paper", "qlora")) -> list[dict]:
+def fits_table(
+    models: Iterable[str] = ("1b", "7b", "13b", "70b"),
+    seq_len: int = 1024,
+    batch: int = 1,
+    gpus_gb: Iterable[int] = (16, 24, 80),
+    recipes: Iterable[str] = ("paper", "qlora"),
+    reserve_gib: float = 0.5,
+) -> list[dict]:
     """Full fine-tuning, LoRA and QLoRA, with and without checkpointing: GiB needed and which GPUs they fit.
 
     Computed, not measured: ``training_memory_formula`` under ``PRECISIONS["mixed"]`` (16 bytes
-    per trained parameter; 2 per frozen one), QLoRA's frozen weights at ``QLORA_BITS`` bits
-    (embeddings and output layer included: bitsandbytes keeps those in 16 bits, 0.8 GiB more
-    for 70B), and ``activation_bytes`` (bf16, fused attention, no dropout) for ``batch`` x
-    ``seq_len`` tokens; with checkpointing the ``peak`` (one block rebuilt on top). LoRA and
-    QLoRA come in each of ``recipes`` (``LORA_RECIPES``); their activations are full
-    fine-tuning's, an upper bound. Real runs add the CUDA context, allocator slack and temporary
-    buffers (the 16-bit logits during the loss among them).
+    per trained parameter; 2 per frozen one), QLoRA's frozen block weights at ``QLORA_BITS``
+    bits and its embeddings and output layer in 16 bits (as bitsandbytes keeps them), and
+    ``activation_bytes`` (bf16, fused attention, no dropout) for ``batch`` x ``seq_len`` tokens;
+    with checkpointing the ``peak`` (one block rebuilt on top). LoRA and QLoRA come in each of
+    ``recipes`` (``LORA_RECIPES``); their activations are full fine-tuning's, an upper bound.
+    A GPU sold as ``g`` GB holds ``g x 10^9`` bytes, less ``reserve_gib`` for the CUDA context
+    and the allocator's slack; temporary buffers (the 16-bit logits during the loss among them)
+    come on top of the table.
     """
     mixed = PRECISIONS["mixed"][1]
     rows = []
@@ -485,20 +510,45 @@ def fits_table(models: Iterable[str] = ("1b", "7b", "13b", "70b"), seq_len: int 
             label, matrices, r = LORA_RECIPES[recipe]
             n = m.lora_params(r, matrices)
             parts[f"LoRA {label} r={r}"] = (n, training_memory_formula(m.n_params + n, n, **mixed)["total"])
-            parts[f"QLoRA {label} r={r}"] = (n, m.n_params * QLORA_BITS / 8
-                                             + training_memory_formula(n, n, **mixed)["total"])
+            frozen = (m.n_params - m.embedding_params) * QLORA_BITS / 8 + m.embedding_params * 2
+            parts[f"QLoRA {label} r={r}"] = (n, frozen + training_memory_formula(n, n, **mixed)["total"])
         for method, (n_trainable, states) in parts.items():
             for ckpt in (False, True):
                 est = activation_bytes(m, seq_len, batch, checkpointing=ckpt)
                 act = est["peak"]
                 total = (states + act) / GiB
-                rows.append({"model": m.name, "method": method, "checkpointing": ckpt, "n_trainable": n_trainable,
-                             "weights_grads_optimizer_gib": states / GiB, "activations_gib": act / GiB,
-                             "logits_gib": est["logits"] / GiB,
-                             "total_gib": total, **{f"fits_{g}gb": total <= g for g in gpus_gib}})
+                rows.append(
+                    {
+                        "model": m.name,
+                        "method": method,
+                        "checkpointing": ckpt,
+                        "n_trainable": n_trainable,
+                        "weights_grads_optimizer_gib": states / GiB,
+                        "activations_gib": act / GiB,
+                        "logits_gib": est["logits"] / GiB,
+                        "total_gib": total,
+                        **{f"fits_{g}gb": total <= g * 1e9 / GiB - reserve_gib for g in gpus_gb},
+                    }
+                )
     return rows
 
 
-__all__ = ["weight_bytes", "enable_activation_checkpointing", "activation_bytes", "fits_table", "QLORA_BITS", "PeakMemory", "memory_now_mib", "training_memory_formula", "measure_training_memory", "lora_trainable_params", "paper_scaling_table",
-           "PAPER_MODELS", "PRECISIONS", "OPTIMIZER_STATES", "ACTIVATIONS_NOTE", "PaperModel", "MiB", "GiB",
-           "paper_model_from_config", "LORA_RECIPES"]
+__all__ = [
+    "weight_bytes",
+    "enable_activation_checkpointing",
+    "activation_bytes",
+    "fits_table",
+    "QLORA_BITS",
+    "training_memory_formula",
+    "measure_training_memory",
+    "paper_scaling_table",
+    "PAPER_MODELS",
+    "PRECISIONS",
+    "OPTIMIZER_STATES",
+    "ACTIVATIONS_NOTE",
+    "PaperModel",
+    "MiB",
+    "GiB",
+    "paper_model_from_config",
+    "LORA_RECIPES",
+]

@@ -16,6 +16,7 @@ init). ``prepare_method`` turns a fresh backbone into that method, and
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``); notebook 03
 uses ``"lora"`` and notebook 05 builds its variants with ``MethodSpec`` directly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,24 +24,25 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .lora import apply_lora, freeze_all_except, lora_layers, mark_only_lora_trainable
+from .lora import apply_lora, freeze_all_except, lora_layers, mark_only_lora_trainable, pissa_init_
 
 ALL_BLOCK_LINEARS = ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")  # every Linear of a DistilBERT block
-HEAD_MODULES = ("pre_classifier", "classifier")                             # the new task head
+HEAD_MODULES = ("pre_classifier", "classifier")  # the new task head
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """One way to fine-tune: ``kind`` is ``"full"``, ``"head"`` or ``"lora"``; the rest applies to LoRA."""
+
     name: str
     kind: str
     description: str = ""
-    targets: tuple[str, ...] = ()       # LoRA: names of the Linear layers to wrap (suffix match)
+    targets: tuple[str, ...] = ()  # LoRA: names of the Linear layers to wrap (suffix match)
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.1
-    rslora: bool = False                # scale by alpha / sqrt(r) instead of alpha / r
-    init: str = "zero"                  # "zero" (B = 0, the paper's) or "pissa" (notebook 05)
+    rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    init: str = "zero"  # "zero" (B = 0, the paper's) or "pissa" (notebook 05)
 
     def __post_init__(self):
         if self.kind not in ("full", "head", "lora"):
@@ -50,7 +52,7 @@ class MethodSpec:
         if self.init not in ("zero", "pissa"):
             raise ValueError(f"init must be 'zero' (B = 0, the paper's) or 'pissa', got {self.init!r}")
 
-    def replace(self, **changes) -> "MethodSpec":
+    def replace(self, **changes) -> MethodSpec:
         """A copy with some fields changed, e.g. ``spec.replace(r=4, name="lora r=4")``."""
         return dataclasses.replace(self, **changes)
 
@@ -58,8 +60,10 @@ class MethodSpec:
         if self.kind != "lora":
             return f"{self.name}: {self.description}"
         scale = "alpha/sqrt(r)" if self.rslora else "alpha/r"
-        return (f"{self.name}: LoRA r={self.r}, alpha={self.lora_alpha:g} ({scale}), dropout={self.lora_dropout:g}, "
-                f"init={self.init}, on {list(self.targets)} + head")
+        return (
+            f"{self.name}: LoRA r={self.r}, alpha={self.lora_alpha:g} ({scale}), dropout={self.lora_dropout:g}, "
+            f"init={self.init}, on {list(self.targets)} + head"
+        )
 
 
 def method_spec(name: str, profile=None) -> MethodSpec:
@@ -77,12 +81,33 @@ def method_spec(name: str, profile=None) -> MethodSpec:
     targets = tuple(profile.target_modules) if profile is not None else ("q_lin", "v_lin")
     specs = {
         "full": MethodSpec("full", "full", "full fine-tuning: every weight trains"),
-        "lora": MethodSpec("lora", "lora", f"LoRA r={r} on {', '.join(targets)} + the new head",
-                           targets=targets, r=r, lora_alpha=alpha, lora_dropout=dropout),
-        "lora-all": MethodSpec("lora-all", "lora", f"LoRA r={r} on every Linear of the blocks + the new head",
-                               targets=ALL_BLOCK_LINEARS, r=r, lora_alpha=alpha, lora_dropout=dropout),
-        "lora-nodrop": MethodSpec("lora-nodrop", "lora", "lora without dropout on the branch (is dropout worth it?)",
-                                  targets=targets, r=r, lora_alpha=alpha, lora_dropout=0.0),
+        "lora": MethodSpec(
+            "lora",
+            "lora",
+            f"LoRA r={r} on {', '.join(targets)} + the new head",
+            targets=targets,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+        ),
+        "lora-all": MethodSpec(
+            "lora-all",
+            "lora",
+            f"LoRA r={r} on every Linear of the blocks + the new head",
+            targets=ALL_BLOCK_LINEARS,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+        ),
+        "lora-nodrop": MethodSpec(
+            "lora-nodrop",
+            "lora",
+            "lora without dropout on the branch (is dropout worth it?)",
+            targets=targets,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+        ),
         "head": MethodSpec("head", "head", "head only: the backbone frozen, the new head trains"),
     }
     if name not in specs:
@@ -102,10 +127,15 @@ def prepare_method(model: nn.Module, spec: MethodSpec, head_modules=HEAD_MODULES
     if spec.kind == "head":
         freeze_all_except(model, head_modules)
         return []
-    names = apply_lora(model, spec.targets, r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                       use_rslora=spec.rslora)
+    names = apply_lora(
+        model,
+        spec.targets,
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        use_rslora=spec.rslora,
+    )
     if spec.init == "pissa":
-        from .experiments import pissa_init_
         for layer in lora_layers(model).values():
             pissa_init_(layer)
     mark_only_lora_trainable(model, extra_trainable=head_modules)

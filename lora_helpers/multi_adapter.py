@@ -19,14 +19,15 @@ multi-adapter servers work (S-LoRA, Punica, vLLM's multi-LoRA), with fused kerne
 * ``set_adapter_rows(model, index)`` - which adapter each row of the next batch uses (``-1``:
   the base model alone, for a LoRA layer; a head has no base, so it needs an adapter).
 
-Introduced in notebook 06 (``06_adapters_in_practice.ipynb``), section 2.
+Introduced in notebook 06 (``06_adapters_in_practice.ipynb``), section 4.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -35,8 +36,14 @@ from .adapters import read_adapter
 from .lora import lora_layers
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as (batch, tokens, features): a classifier head sees (batch, features)."""
+def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as (batch, tokens, features) (a classifier head sees (batch, features)), once an index fits it."""
+    if index is None:
+        raise RuntimeError("no adapter chosen for the rows: call set_adapter_rows(model, index) first")
+    if index.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"set_adapter_rows gave {index.shape[0]} adapter indices for a batch of {x.shape[0]} rows: give one per row"
+        )
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -51,21 +58,22 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         n, r, d_in = A.shape
         if B.shape != (n, base.out_features, r) or d_in != base.in_features:
-            raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a base layer "
-                             f"{base.in_features} -> {base.out_features}: need (n, r, d_in) and (n, d_out, r)")
+            raise ValueError(
+                f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit a base layer "
+                f"{base.in_features} -> {base.out_features}: need (n, r, d_in) and (n, d_out, r)"
+            )
         self.base = base
         self.register_buffer("A", A)
         self.register_buffer("B", B)
         self.index: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            raise RuntimeError("no adapter chosen for the rows: call set_adapter_rows(model, index) first")
+        rows = _rows(x, self.index)  # (batch, tokens, d_in)
         h = self.base(x)
-        k = self.index.clamp(min=0)                                            # (batch,)
-        xa = torch.bmm(_rows(x), self.A[k].transpose(1, 2))                    # (batch, tokens, r)
-        delta = torch.bmm(xa, self.B[k].transpose(1, 2))                       # (batch, tokens, d_out)
-        delta = delta * (self.index >= 0).to(delta.dtype)[:, None, None]      # -1: no adapter
+        k = self.index.clamp(min=0)  # (batch,)
+        xa = torch.bmm(rows, self.A[k].transpose(1, 2))  # (batch, tokens, r)
+        delta = torch.bmm(xa, self.B[k].transpose(1, 2))  # (batch, tokens, d_out)
+        delta = delta * (self.index >= 0).to(delta.dtype)[:, None, None]  # -1: no adapter
         return h + delta.reshape(h.shape)
 
     def extra_repr(self) -> str:
@@ -78,16 +86,15 @@ class MultiLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        self.register_buffer("weight", weight)   # (n, d_out, d_in)
-        self.register_buffer("bias", bias)       # (n, d_out)
+        self.register_buffer("weight", weight)  # (n, d_out, d_in)
+        self.register_buffer("bias", bias)  # (n, d_out)
         self.index: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            raise RuntimeError("no adapter chosen for the rows: call set_adapter_rows(model, index) first")
+        rows = _rows(x, self.index)
         if (self.index < 0).any():
             raise ValueError("every row needs an adapter here: a task's own head has no base version to fall back on")
-        out = torch.bmm(_rows(x), self.weight[self.index].transpose(1, 2)) + self.bias[self.index][:, None, :]
+        out = torch.bmm(rows, self.weight[self.index].transpose(1, 2)) + self.bias[self.index][:, None, :]
         return out.reshape(*x.shape[:-1], self.weight.shape[1])
 
     def extra_repr(self) -> str:
@@ -95,8 +102,9 @@ class MultiLinear(nn.Module):
         return f"adapters={n}, in_features={d_in}, out_features={d_out}"
 
 
-def mixed_adapter_model(model: nn.Module, adapters: Mapping[str, str | Path],
-                        head_modules: Iterable[str] = ()) -> tuple[nn.Module, list[str]]:
+def mixed_adapter_model(
+    model: nn.Module, adapters: Mapping[str, str | Path], head_modules: Iterable[str] = ()
+) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` serving every adapter in ``adapters`` (name -> folder written by ``save_adapter``).
 
     ``model`` must carry ``LoRALinear`` layers on the adapters' layers (``apply_lora``, as for
@@ -111,12 +119,22 @@ def mixed_adapter_model(model: nn.Module, adapters: Mapping[str, str | Path],
     layers = lora_layers(model)
     for name, (config, _) in saved.items():
         if config["pissa_layers"]:
-            raise ValueError(f"adapter {name!r} is PiSSA-initialised: its layers use a residual W0 of their own, "
-                             "so it cannot share the base with other adapters")
+            raise ValueError(
+                f"adapter {name!r} is PiSSA-initialised: its layers use a residual W0 of their own, "
+                "so it cannot share the base with other adapters"
+            )
         missing = sorted(set(config["target_modules"]) - set(layers))
         if missing:
-            raise ValueError(f"adapter {name!r} has LoRA layers the model lacks: {missing[:3]}; wrap the model "
-                             "with apply_lora on the same target modules first")
+            raise ValueError(
+                f"adapter {name!r} has LoRA layers the model lacks: {missing[:3]}; wrap the model "
+                "with apply_lora on the same target modules first"
+            )
+    merged = sorted(name for name, layer in layers.items() if layer.merged)
+    if merged:
+        raise ValueError(
+            f"{merged[:3]} are merged: their base holds W0 plus an update, which every row would get. "
+            "Call unmerge_lora(model) first"
+        )
     out = copy.deepcopy(model)
     for layer_name, layer in lora_layers(out).items():
         r = max(int(saved[n][0]["r"]) for n in names)

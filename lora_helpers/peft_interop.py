@@ -23,13 +23,14 @@ anything else (DoRA, per-layer ranks, trained biases, ...) raises a
 
 Introduced in notebook 06 (``06_adapters_in_practice.ipynb``).
 """
+
 from __future__ import annotations
 
 import math
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import safetensors.torch
 import torch
@@ -46,12 +47,15 @@ PREFIX = "base_model.model."
 # PeftModelForSequenceClassification always adds these to modules_to_save
 SEQ_CLS_HEADS = ("classifier", "score")
 
-SUPPORTED = ("plain LoRA (peft_type 'LORA') on nn.Linear layers with one r and one lora_alpha for every layer, "
-             "bias='none', fan_in_fan_out=False, no DoRA, optionally rsLoRA scaling and fully trained "
-             "modules_to_save (e.g. the classifier head)")
+SUPPORTED = (
+    "plain LoRA (peft_type 'LORA') on nn.Linear layers with one r and one lora_alpha for every layer, "
+    "bias='none', fan_in_fan_out=False, no DoRA, optionally rsLoRA scaling and fully trained "
+    "modules_to_save (e.g. the classifier head)"
+)
 
 
 # ------------------------------------------------------------------ export
+
 
 def _peft_wrapped_modules(model: nn.Module, names: Iterable[str]) -> list[str]:
     """The modules PEFT wraps for ``modules_to_save=names``: its rule is a plain ``name.endswith(entry)``.
@@ -72,9 +76,13 @@ def _target_list(model: nn.Module, wrapped: list[str]) -> list[str]:
     return leaves if selected == set(wrapped) else sorted(wrapped)
 
 
-def export_to_peft(model: nn.Module, path, base_model_name_or_path: str | None = None,
-                   head_modules: Iterable[str] = ("pre_classifier", "classifier"),
-                   task_type: str | None = "SEQ_CLS") -> Path:
+def export_to_peft(
+    model: nn.Module,
+    path,
+    base_model_name_or_path: str | None = None,
+    head_modules: Iterable[str] = ("pre_classifier", "classifier"),
+    task_type: str | None = "SEQ_CLS",
+) -> Path:
     """Write ``model``'s LoRA adapter (and head) in PEFT's format into the folder ``path``.
 
     Args:
@@ -101,9 +109,11 @@ def export_to_peft(model: nn.Module, path, base_model_name_or_path: str | None =
         raise ValueError("the model has no LoRALinear layers: nothing to export (call apply_lora first)")
     pissa = sorted(n for n, m in layers.items() if m.pissa)
     if pissa:
-        raise ValueError(f"{pissa[:3]} are PiSSA-initialised: their base weight is a residual, so a plain PEFT LoRA "
-                         "adapter would not reproduce the model on the original backbone. Keep it with save_adapter "
-                         "(which records the PiSSA init)")
+        raise ValueError(
+            f"{pissa[:3]} are PiSSA-initialised: their base weight is a residual, so a plain PEFT LoRA "
+            "adapter would not reproduce the model on the original backbone. Keep it with save_adapter "
+            "(which records the PiSSA init)"
+        )
     settings = {(m.r, m.lora_alpha, m.use_rslora) for m in layers.values()}
     if len(settings) != 1:
         raise ValueError(f"export_to_peft writes one (r, lora_alpha, use_rslora) for all layers, found {settings}")
@@ -114,12 +124,15 @@ def export_to_peft(model: nn.Module, path, base_model_name_or_path: str | None =
     head_modules = _name_list(head_modules, "head_modules")
     for h in head_modules:  # our own (dot-boundary) match must find each head module
         if not any(_matches(n, [h]) for n, _ in model.named_modules() if n):
-            raise ValueError(f"head module {h!r} matches nothing in {type(model).__name__}; "
-                             f"top-level modules: {[n for n, _ in model.named_children()]}")
+            raise ValueError(
+                f"head module {h!r} matches nothing in {type(model).__name__}; "
+                f"top-level modules: {[n for n, _ in model.named_children()]}"
+            )
     peft_heads = head_modules + ([h for h in SEQ_CLS_HEADS if h not in head_modules] if task_type == "SEQ_CLS" else [])
     saved_heads = _peft_wrapped_modules(model, peft_heads)
-    clash = [n for n in saved_heads if n in layers or any(n.startswith(f"{w}.") or w.startswith(f"{n}.")
-                                                         for w in layers)]
+    clash = [
+        n for n in saved_heads if n in layers or any(n.startswith(f"{w}.") or w.startswith(f"{n}.") for w in layers)
+    ]
     if clash:
         raise ValueError(f"{clash} would be both a LoRA layer and a fully saved head module; PEFT forbids that")
 
@@ -136,20 +149,30 @@ def export_to_peft(model: nn.Module, path, base_model_name_or_path: str | None =
             tensors[f"{PREFIX}{head}.{key}"] = t.detach()
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-                        target_modules=_target_list(model, sorted(layers)), bias="none",
-                        modules_to_save=head_modules or None, task_type=task_type,
-                        base_model_name_or_path=base_model_name_or_path, inference_mode=True)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        use_rslora=rslora,
+        target_modules=_target_list(model, sorted(layers)),
+        bias="none",
+        modules_to_save=head_modules or None,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+    )
     check_can_write(path, "folder")
     with tempfile.TemporaryDirectory() as tmp:  # PEFT writes its own JSON; we take the bytes
         config.save_pretrained(tmp)
         config_bytes = (Path(tmp) / CONFIG_NAME).read_bytes()
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    return write_files_atomically(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes},
-                                  remove=(PICKLE_WEIGHTS_NAME,))
+    return write_files_atomically(
+        path, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes}, remove=(PICKLE_WEIGHTS_NAME,)
+    )
 
 
 # ------------------------------------------------------------------ import
+
 
 def _config_dict(config) -> dict:
     """A PEFT config (object or dict) as a plain dict with string enums."""
@@ -168,25 +191,39 @@ def _unsupported(config: dict) -> list[str]:
         problems.append("use_dora=True: DoRA adds a learned magnitude vector per layer, which LoRALinear has not")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
-            problems.append(f"{key}={config[key]!r}: per-layer ranks/alphas are not supported "
-                            "(LoRALinear layers here share one r and one lora_alpha)")
+            problems.append(
+                f"{key}={config[key]!r}: per-layer ranks/alphas are not supported "
+                "(LoRALinear layers here share one r and one lora_alpha)"
+            )
     if config.get("bias", "none") != "none":
-        problems.append(f"bias={config['bias']!r}: the adapter trains biases of the base model; only 'none' is supported")
+        problems.append(
+            f"bias={config['bias']!r}: the adapter trains biases of the base model; only 'none' is supported"
+        )
     if config.get("lora_bias"):
         problems.append("lora_bias=True: lora_B has a bias, LoRALinear's has not")
     if config.get("fan_in_fan_out"):
         problems.append("fan_in_fan_out=True: weights stored transposed (GPT-2's Conv1D); only nn.Linear is supported")
-    others = {"target_parameters": "LoRA on raw parameters", "trainable_token_indices": "trainable tokens",
-              "layer_replication": "layer replication", "alora_invocation_tokens": "activated LoRA (aLoRA)",
-              "use_qalora": "QA-LoRA", "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing",
-              "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA"}
+    others = {
+        "target_parameters": "LoRA on raw parameters",
+        "trainable_token_indices": "trainable tokens",
+        "layer_replication": "layer replication",
+        "alora_invocation_tokens": "activated LoRA (aLoRA)",
+        "use_qalora": "QA-LoRA",
+        "use_bdlora": "block-diagonal LoRA",
+        "arrow_config": "Arrow routing",
+        "kasa_config": "KaSA",
+        "velora_config": "VeLoRA",
+        "monteclora_config": "MonteCLoRA",
+    }
     for key, what in others.items():
         if config.get(key):
             problems.append(f"{key}={config[key]!r}: {what} is not supported")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora", "corda", "loftq", "eva", "lora-ga"):
-        problems.append(f"init_lora_weights={init!r}: this initialisation changes the base weights too, so the "
-                        "adapter only fits a modified base model")
+        problems.append(
+            f"init_lora_weights={init!r}: this initialisation changes the base weights too, so the "
+            "adapter only fits a modified base model"
+        )
     return problems
 
 
@@ -197,17 +234,27 @@ def _check_targets(model: nn.Module, config: dict) -> list[str]:
     if targets is None or targets == "all-linear":
         return []
     if isinstance(targets, str):  # a regular expression on the full name
-        return [] if any(re.fullmatch(targets, n) for n in names) else [
-            f"target_modules={targets!r} (a regular expression) matches no module of {type(model).__name__}"]
+        return (
+            []
+            if any(re.fullmatch(targets, n) for n in names)
+            else [f"target_modules={targets!r} (a regular expression) matches no module of {type(model).__name__}"]
+        )
     missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-    return [f"target_modules {missing} match no module of {type(model).__name__} "
-            f"(its Linear layers: {sorted({n.rpartition('.')[2] for n in linear_names(model)})})"] if missing else []
+    return (
+        [
+            f"target_modules {missing} match no module of {type(model).__name__} "
+            f"(its Linear layers: {sorted({n.rpartition('.')[2] for n in linear_names(model)})})"
+        ]
+        if missing
+        else []
+    )
 
 
 def read_peft_adapter(source, adapter_name: str = "default") -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config dict, tensors with PEFT's file keys)`` from a PEFT adapter folder or a live ``PeftModel``."""
     if hasattr(source, "peft_config"):  # a PeftModel in memory
         from peft import get_peft_model_state_dict
+
         if adapter_name not in source.peft_config:
             raise ValueError(f"the PeftModel has no adapter {adapter_name!r}; it has {sorted(source.peft_config)}")
         config = _config_dict(source.peft_config[adapter_name])
@@ -218,15 +265,19 @@ def read_peft_adapter(source, adapter_name: str = "default") -> tuple[dict, dict
         return config, {k: v.detach() for k, v in tensors.items()}
     path = Path(source)
     if path.is_file():
-        hint = (f"pass the folder that holds it, {path.parent}" if path.name in (WEIGHTS_NAME, CONFIG_NAME,
-                                                                                PICKLE_WEIGHTS_NAME)
-                else "pass the folder written by PEFT's save_pretrained")
-        raise NotADirectoryError(f"{path} is a file; a PEFT adapter is a folder with {CONFIG_NAME} and "
-                                 f"{WEIGHTS_NAME}: {hint}")
+        hint = (
+            f"pass the folder that holds it, {path.parent}"
+            if path.name in (WEIGHTS_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAME)
+            else "pass the folder written by PEFT's save_pretrained"
+        )
+        raise NotADirectoryError(
+            f"{path} is a file; a PEFT adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}: {hint}"
+        )
     if not (path / CONFIG_NAME).is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
-        raise FileNotFoundError(f"{path} is not a PEFT adapter folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}, "
-                                f"found {found}")
+        raise FileNotFoundError(
+            f"{path} is not a PEFT adapter folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}, found {found}"
+        )
     config = read_json_file(path / CONFIG_NAME, "PEFT adapter config")
     if not (path / WEIGHTS_NAME).is_file():
         if str(config.get("peft_type")).upper() != "LORA":
@@ -242,7 +293,9 @@ def _lora_numbers(config: dict) -> list[str]:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.append(f"r must be an integer >= 1, got {'nothing' if 'r' not in config else repr(r)}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-        problems.append(f"lora_alpha must be a number > 0, got {'nothing' if 'lora_alpha' not in config else repr(alpha)}")
+        problems.append(
+            f"lora_alpha must be a number > 0, got {'nothing' if 'lora_alpha' not in config else repr(alpha)}"
+        )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         problems.append(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
     return problems
@@ -271,11 +324,15 @@ def import_from_peft(model: nn.Module, source, adapter_name: str = "default") ->
             where = f"{Path(source) / CONFIG_NAME}" if not hasattr(source, "peft_config") else "the PeftModel's config"
             raise ValueError(f"{where} is not a valid LoRA config: " + "; ".join(numbers))
     if problems:
-        raise ValueError("cannot import this PEFT adapter into LoRALinear:\n  - " + "\n  - ".join(problems)
-                         + f"\nSupported: {SUPPORTED}.")
+        raise ValueError(
+            "cannot import this PEFT adapter into LoRALinear:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nSupported: {SUPPORTED}."
+        )
     if lora_layers(model):
-        raise ValueError(f"the model already has LoRA layers ({sorted(lora_layers(model))[:3]} ...): "
-                         "import into a plain base model")
+        raise ValueError(
+            f"the model already has LoRA layers ({sorted(lora_layers(model))[:3]} ...): import into a plain base model"
+        )
     r, alpha = int(config["r"]), config["lora_alpha"]
     problems = _check_targets(model, config)
 
@@ -299,8 +356,10 @@ def import_from_peft(model: nn.Module, source, adapter_name: str = "default") ->
         problems.append("the adapter holds no lora_A/lora_B tensors")
     absent = sorted(n for n in lora if n not in modules)
     if absent:
-        problems.append(f"the adapter has LoRA weights for layers that do not exist in {type(model).__name__}: "
-                        f"{absent[:6]}{' ...' if len(absent) > 6 else ''}")
+        problems.append(
+            f"the adapter has LoRA weights for layers that do not exist in {type(model).__name__}: "
+            f"{absent[:6]}{' ...' if len(absent) > 6 else ''}"
+        )
     for name, parts in sorted(lora.items()):
         layer = modules.get(name)
         if layer is None:
@@ -312,13 +371,21 @@ def import_from_peft(model: nn.Module, source, adapter_name: str = "default") ->
         for part, shape in want.items():
             got = parts.get(part)
             if got is None or tuple(got.shape) != shape:
-                problems.append(f"{name}.{part}: adapter has {'no tensor' if got is None else tuple(got.shape)}, "
-                                f"r={r} on this layer needs {shape}")
+                problems.append(
+                    f"{name}.{part}: adapter has {'no tensor' if got is None else tuple(got.shape)}, "
+                    f"r={r} on this layer needs {shape}"
+                )
     if problems:
         raise ValueError("this PEFT adapter does not fit the model:\n  - " + "\n  - ".join(problems[:10]))
 
-    apply_lora(model, sorted(lora), r=r, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout", 0.0)),
-               use_rslora=bool(config.get("use_rslora", False)))
+    apply_lora(
+        model,
+        sorted(lora),
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(config.get("lora_dropout", 0.0)),
+        use_rslora=bool(config.get("use_rslora", False)),
+    )
     with torch.no_grad():
         for name, parts in lora.items():
             layer = model.get_submodule(name)

@@ -17,6 +17,7 @@ Then the rank where the loss stops falling is k, the learned update's top direct
 the planted ones (the paper's phi, ``analysis.subspace_similarity``), and its amplification
 is the planted factor. Introduced in notebook 05 (``05_rank_and_what_lora_learns.ipynb``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,11 +31,12 @@ from .lora import LoRALinear
 @dataclass
 class PlantedUpdate:
     """dW* and what was planted: its left / right directions (columns), their singular values in W, the factor."""
-    dW: torch.Tensor      # d_out x d_in, float64
-    U: torch.Tensor       # d_out x k: the planted output directions
-    V: torch.Tensor       # d_in x k: the planted input directions
+
+    dW: torch.Tensor  # d_out x d_in, float64
+    U: torch.Tensor  # d_out x k: the planted output directions
+    V: torch.Tensor  # d_in x k: the planted input directions
     s_in_W: torch.Tensor  # k: how much W itself uses each (its singular values there)
-    factor: float         # dW* = factor * (W's part along these directions): the amplification
+    factor: float  # dW* = factor * (W's part along these directions): the amplification
 
     @property
     def rank(self) -> int:
@@ -78,13 +80,22 @@ def regression_data(W: torch.Tensor, dW: torch.Tensor, n: int = 4096, noise: flo
     """
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, W.shape[1], generator=g, dtype=torch.float64)
-    Y = X @ (W.detach().double().cpu() + dW.double()).T + noise * torch.randn(n, W.shape[0], generator=g,
-                                                                             dtype=torch.float64)
+    Y = X @ (W.detach().double().cpu() + dW.double()).T + noise * torch.randn(
+        n, W.shape[0], generator=g, dtype=torch.float64
+    )
     return X.float(), Y.float()
 
 
-def fit_lora(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, r: int, seed: int = 0, steps: int = 300,
-             lr: float = 1e-2, batch_size: int = 256) -> tuple[torch.Tensor, float]:
+def fit_lora(
+    W: torch.Tensor,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    r: int,
+    seed: int = 0,
+    steps: int = 300,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, float]:
     """Train LoRA of rank ``r`` (scale alpha / r = 1) on the frozen ``W`` to map X to Y; ``(dW learned, MSE)``.
 
     ``seed`` sets A's init and the minibatches. Returns the learned ``scaling * B A`` (float64, CPU) and the

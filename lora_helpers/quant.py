@@ -26,6 +26,7 @@ explicitly (the result holds the NF4 rounding of ``W0``).
 
 Introduced in notebook 07 (``07_bigger_models.ipynb``).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BLOCK_SIZE = 64          # weights per absmax constant (QLoRA's first quantisation)
-DQ_BLOCK_SIZE = 256      # absmax constants per second-level constant (double quantisation)
+BLOCK_SIZE = 64  # weights per absmax constant (QLoRA's first quantisation)
+DQ_BLOCK_SIZE = 256  # absmax constants per second-level constant (double quantisation)
 # Where the outermost quantile sits: bitsandbytes' create_normal_map(offset=0.9677083), which QLoRA's code book
 # comes from (the paper's Appendix E prints the 16 values, not the offset); this expression equals it to 7 digits.
 NF4_OFFSET = 1 - (1 / (2 * 15) + 1 / (2 * 16)) / 2
@@ -66,8 +67,9 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return F.pad(flat, (0, pad)).view(-1, block_size)
 
 
-def quantize_blockwise(x: torch.Tensor, code_book: torch.Tensor | None = None,
-                       block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(
+    x: torch.Tensor, code_book: torch.Tensor | None = None, block_size: int = BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, absmax)``: every value of ``x`` as the index of its nearest code, per block of ``block_size``.
 
     ``codes`` is uint8 (one index per value, unpacked), of length ``x.numel()`` rounded up
@@ -79,22 +81,23 @@ def quantize_blockwise(x: torch.Tensor, code_book: torch.Tensor | None = None,
     if not torch.isfinite(x).all():
         raise ValueError("cannot quantise a tensor with inf or nan: check the weights first")
     book = (nf4_code_book() if code_book is None else code_book).to(x.device, torch.float32)
-    blocks = _blocks(x, block_size)                          # (n_blocks, block_size)
-    absmax = blocks.abs().amax(dim=1)                        # (n_blocks,)
+    blocks = _blocks(x, block_size)  # (n_blocks, block_size)
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalised = blocks / absmax[:, None]                    # in [-1, 1]
-    midpoints = (book[1:] + book[:-1]) / 2                   # decision boundaries between neighbouring codes
-    codes = torch.bucketize(normalised, midpoints)           # index of the nearest code
+    normalised = blocks / absmax[:, None]  # in [-1, 1]
+    midpoints = (book[1:] + book[:-1]) / 2  # decision boundaries between neighbouring codes
+    codes = torch.bucketize(normalised, midpoints)  # index of the nearest code
     return codes.reshape(-1).to(torch.uint8), absmax
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape, code_book: torch.Tensor | None = None,
-                         dtype=torch.float32) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, shape, code_book: torch.Tensor | None = None, dtype=torch.float32
+) -> torch.Tensor:
     """The values that ``codes`` and ``absmax`` stand for, reshaped to ``shape``: ``code_book[code] * absmax``."""
     book = (nf4_code_book() if code_book is None else code_book).to(absmax.device, torch.float32)
     block_size = codes.numel() // absmax.numel()
     values = book[codes.int()].view(-1, block_size) * absmax[:, None]
-    return values.reshape(-1)[:math.prod(shape)].view(shape).to(dtype)
+    return values.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
@@ -132,11 +135,12 @@ def double_dequantize(dq: dict) -> torch.Tensor:
     """The absmax constants back from ``double_quantize``'s output (float32)."""
     block_size = dq["codes"].numel() // dq["absmax2"].numel()
     blocks = dq["codes"].float().view(-1, block_size) / 127 * dq["absmax2"][:, None]
-    return blocks.reshape(-1)[:dq["n"]] + dq["offset"]
+    return blocks.reshape(-1)[: dq["n"]] + dq["offset"]
 
 
-def bits_per_weight(block_size: int = BLOCK_SIZE, double_quant: bool = False,
-                    dq_block_size: int = DQ_BLOCK_SIZE) -> float:
+def bits_per_weight(
+    block_size: int = BLOCK_SIZE, double_quant: bool = False, dq_block_size: int = DQ_BLOCK_SIZE
+) -> float:
     """Storage per weight in bits: 4 for the code, plus the share of the absmax constants.
 
     Without double quantisation one fp32 constant per ``block_size`` weights (32/64 = 0.5
@@ -164,7 +168,7 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         W = ctx.layer.dequantized_weight(grad_out.dtype)  # (out, in)
-        return grad_out @ W, None                       # dL/dx only
+        return grad_out @ W, None  # dL/dx only
 
 
 class NF4Linear(nn.Linear):
@@ -177,8 +181,9 @@ class NF4Linear(nn.Linear):
     ``dequantize()`` gives back a plain ``nn.Linear`` (with NF4's rounding error in it).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 block_size: int = BLOCK_SIZE):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, block_size: int = BLOCK_SIZE
+    ):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no fp32 weight to create
         if block_size < 2 or block_size % 2:
             raise ValueError(f"block_size must be an even number >= 2 (two 4-bit codes per byte), got {block_size}")
@@ -190,11 +195,13 @@ class NF4Linear(nn.Linear):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = BLOCK_SIZE) -> "NF4Linear":
+    def from_linear(cls, linear: nn.Linear, block_size: int = BLOCK_SIZE) -> NF4Linear:
         """Quantise ``linear``'s weight to NF4 (its bias is copied as it is, frozen)."""
         if type(linear) is not nn.Linear:
-            raise TypeError(f"NF4Linear.from_linear takes a plain nn.Linear, got {type(linear).__name__}"
-                            " (a LoRALinear: quantise the model before apply_lora)")
+            raise TypeError(
+                f"NF4Linear.from_linear takes a plain nn.Linear, got {type(linear).__name__}"
+                " (a LoRALinear: quantise the model before apply_lora)"
+            )
         W = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, W.device, block_size)
         codes, absmax = quantize_blockwise(W, layer.code_book, block_size)
@@ -221,8 +228,9 @@ class NF4Linear(nn.Linear):
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The weight the codes stand for, ``(out_features, in_features)``."""
-        return dequantize_blockwise(unpack_4bit(self.packed), self.absmax, (self.out_features, self.in_features),
-                                    self.code_book, dtype)
+        return dequantize_blockwise(
+            unpack_4bit(self.packed), self.absmax, (self.out_features, self.in_features), self.code_book, dtype
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -230,10 +238,12 @@ class NF4Linear(nn.Linear):
 
     @weight.setter
     def weight(self, value):
-        raise RuntimeError("an NF4Linear's weight is stored as 4-bit codes and cannot be assigned: merging "
-                           "LoRA into it would re-quantise W0 + scaling * B A and round the trained update away. "
-                           "Keep the adapter unmerged, or merge in full precision explicitly: "
-                           "layer.base = layer.base.dequantize(); layer.merge()")
+        raise RuntimeError(
+            "an NF4Linear's weight is stored as 4-bit codes and cannot be assigned: merging "
+            "LoRA into it would re-quantise W0 + scaling * B A and round the trained update away. "
+            "Keep the adapter unmerged, or merge in full precision explicitly: "
+            "layer.base = layer.base.dequantize(); layer.merge()"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _NF4Matmul.apply(x, self)
@@ -262,9 +272,11 @@ def quantize_model(model: nn.Module, targets=None, skip=("pre_classifier", "clas
     ``LoRALinear``'s name and its ``A``, ``B`` stay in full precision (notebook 07 swaps a
     trained model's base this way, to see what quantisation alone does to it).
     """
+
     def matched(name):
-        return (not any(name == s or name.endswith("." + s) for s in skip)
-                and (targets is None or any(name == t or name.endswith("." + t) for t in targets)))
+        return not any(name == s or name.endswith("." + s) for s in skip) and (
+            targets is None or any(name == t or name.endswith("." + t) for t in targets)
+        )
 
     names = []
     for name, m in model.named_modules():
@@ -275,8 +287,10 @@ def quantize_model(model: nn.Module, targets=None, skip=("pre_classifier", "clas
         is_lora_base = child == "base" and hasattr(parent, "lora_A") and hasattr(parent, "lora_B")
         if matched(parent_name if is_lora_base else name):
             if is_lora_base and getattr(parent, "merged", False):
-                raise ValueError(f"{parent_name} is merged: its base holds W0 + scaling * B A, and quantising it "
-                                 "would lose W0. Call unmerge_lora(model) first; nothing was quantised")
+                raise ValueError(
+                    f"{parent_name} is merged: its base holds W0 + scaling * B A, and quantising it "
+                    "would lose W0. Call unmerge_lora(model) first; nothing was quantised"
+                )
             names.append(name)
     if not names:
         raise ValueError(f"no nn.Linear to quantise in {type(model).__name__} (targets={targets}, skip={skip})")
@@ -287,6 +301,19 @@ def quantize_model(model: nn.Module, targets=None, skip=("pre_classifier", "clas
     return names
 
 
-__all__ = ["BLOCK_SIZE", "DQ_BLOCK_SIZE", "NF4_OFFSET", "nf4_code_book", "int4_code_book", "quantize_blockwise",
-           "dequantize_blockwise", "pack_4bit", "unpack_4bit", "double_quantize", "double_dequantize",
-           "bits_per_weight", "NF4Linear", "quantize_model"]
+__all__ = [
+    "BLOCK_SIZE",
+    "DQ_BLOCK_SIZE",
+    "NF4_OFFSET",
+    "nf4_code_book",
+    "int4_code_book",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "pack_4bit",
+    "unpack_4bit",
+    "double_quantize",
+    "double_dequantize",
+    "bits_per_weight",
+    "NF4Linear",
+    "quantize_model",
+]

@@ -21,6 +21,7 @@ command line (``python -m lora_helpers train|compare``).
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``); notebook 03
 trains through it once its own loop has been written out.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,8 @@ import torch
 import torch.nn as nn
 from datasets import DatasetDict
 
-from .lora import count_parameters, lora_layers
 from .loop import encode, evaluate, make_batches, train
+from .lora import count_parameters, lora_layers
 from .methods import MethodSpec, param_groups, prepare_method
 from .utils import get_device, set_seed
 
@@ -42,14 +43,17 @@ TRACKED = ("q_lin.weight", "v_lin.weight")  # matrices whose update dW a run kee
 
 # ------------------------------------------------------------------ data
 
+
 def split_validation(data: DatasetDict, n_val: int, seed: int = 0) -> DatasetDict:
     """``train`` / ``validation`` / ``test``: ``n_val`` label-balanced reviews moved out of ``train`` (seeded)."""
     train_part = data["train"]
     labels = np.asarray(train_part["label"])
     wanted = {0: n_val // 2, 1: n_val - n_val // 2}
     if n_val < 2 or any(wanted[k] >= int((labels == k).sum()) for k in (0, 1)):
-        raise ValueError(f"n_val={n_val} needs 2 <= n_val and fewer reviews of each label than the training "
-                         f"split has ({int((labels == 0).sum())} negative, {int((labels == 1).sum())} positive)")
+        raise ValueError(
+            f"n_val={n_val} needs 2 <= n_val and fewer reviews of each label than the training "
+            f"split has ({int((labels == 0).sum())} negative, {int((labels == 1).sum())} positive)"
+        )
     rng = np.random.default_rng(seed + 1000)  # not the seed that drew the subset
     val = np.concatenate([rng.choice(np.flatnonzero(labels == k), wanted[k], replace=False) for k in (0, 1)])
     keep = np.setdiff1d(np.arange(len(labels)), val)
@@ -61,8 +65,9 @@ def load_splits(profile, verbose: bool = True) -> DatasetDict:
     from .data import describe_imdb, load_imdb
 
     n_train = None if profile.n_train is None else profile.n_train + profile.n_val
-    data = split_validation(load_imdb(n_train, profile.n_test, seed=profile.seed, verbose=False),
-                            profile.n_val, profile.seed)
+    data = split_validation(
+        load_imdb(n_train, profile.n_test, seed=profile.seed, verbose=False), profile.n_val, profile.seed
+    )
     if verbose:
         print(describe_imdb(data))
     return data
@@ -71,6 +76,7 @@ def load_splits(profile, verbose: bool = True) -> DatasetDict:
 @dataclass
 class TokenizedData:
     """The splits tokenized once: training ids (re-batched per seed), fixed validation and test batches."""
+
     train_ids: list
     train_labels: list
     val_batches: list
@@ -105,14 +111,20 @@ def tokenize(data: DatasetDict, tokenizer, profile) -> TokenizedData:
     pad = tokenizer.pad_token_id
     ids = {split: encode(data[split]["text"], tokenizer, profile.max_length) for split in data}
     labels = {split: list(data[split]["label"]) for split in data}
-    return TokenizedData(train_ids=ids["train"], train_labels=labels["train"],
-                         val_batches=make_batches(ids["validation"], labels["validation"], profile.eval_batch_size, pad),
-                         test_batches=make_batches(ids["test"], labels["test"], profile.eval_batch_size, pad),
-                         test_labels=labels["test"], batch_size=profile.batch_size, pad_id=pad,
-                         max_length=profile.max_length)
+    return TokenizedData(
+        train_ids=ids["train"],
+        train_labels=labels["train"],
+        val_batches=make_batches(ids["validation"], labels["validation"], profile.eval_batch_size, pad),
+        test_batches=make_batches(ids["test"], labels["test"], profile.eval_batch_size, pad),
+        test_labels=labels["test"],
+        batch_size=profile.batch_size,
+        pad_id=pad,
+        max_length=profile.max_length,
+    )
 
 
 # ------------------------------------------------------------------ one run
+
 
 def default_lr(spec: MethodSpec, profile) -> float:
     """The method's own learning rate from the profile (tuned on validation, see ``profiles.py``)."""
@@ -123,8 +135,14 @@ def default_lr(spec: MethodSpec, profile) -> float:
 
 def lora_factors(model: nn.Module) -> dict[str, dict]:
     """``{layer name: {"A", "B", "scaling"}}``: detached float32 CPU copies of every LoRA layer's factors."""
-    return {name: {"A": layer.lora_A.detach().float().cpu().clone(), "B": layer.lora_B.detach().float().cpu().clone(),
-                   "scaling": layer.scaling} for name, layer in lora_layers(model).items()}
+    return {
+        name: {
+            "A": layer.lora_A.detach().float().cpu().clone(),
+            "B": layer.lora_B.detach().float().cpu().clone(),
+            "scaling": layer.scaling,
+        }
+        for name, layer in lora_layers(model).items()
+    }
 
 
 def _tracked_weights(model: nn.Module, suffixes) -> dict[str, torch.Tensor]:
@@ -149,16 +167,17 @@ def _tracked_weights(model: nn.Module, suffixes) -> dict[str, torch.Tensor]:
 @dataclass
 class RunResult:
     """What one training run leaves behind (``metrics()`` is its JSON-ready summary)."""
+
     method: str
     kind: str
     seed: int
-    lr: float                    # the method's own rate (backbone or LoRA factors; the head's for head only)
+    lr: float  # the method's own rate (backbone or LoRA factors; the head's for head only)
     head_lr: float
     trainable_params: int
     total_params: int
     lora_layers: int
-    losses: list                 # training loss of every step
-    val_curve: list              # [{"step", "accuracy", "loss"}] on the validation split
+    losses: list  # training loss of every step
+    val_curve: list  # [{"step", "accuracy", "loss"}] on the validation split
     train_steps: int
     train_time_s: float
     peak_memory_mib: float
@@ -166,10 +185,10 @@ class RunResult:
     backbone: str
     device: str
     profile: str = ""
-    test: dict | None = None     # evaluate(...) on the test split (accuracy, loss, confusion, predictions)
-    factors: dict = field(default_factory=dict, repr=False)          # LoRA A, B after training
+    test: dict | None = None  # evaluate(...) on the test split (accuracy, loss, confusion, predictions)
+    factors: dict = field(default_factory=dict, repr=False)  # LoRA A, B after training
     initial_factors: dict = field(default_factory=dict, repr=False)  # ... and before it
-    updates: dict = field(default_factory=dict, repr=False)          # dW of the TRACKED matrices
+    updates: dict = field(default_factory=dict, repr=False)  # dW of the TRACKED matrices
     model: nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -204,29 +223,62 @@ class RunResult:
 
     def metrics(self) -> dict:
         """Flat, JSON-serialisable: what the CLI writes (``test_*`` only when the test split was scored)."""
-        out = {"method": self.method, "profile": self.profile, "seed": self.seed, "lr": self.lr, "head_lr": self.head_lr,
-               "backbone": self.backbone, "device": self.device, "lora_layers": self.lora_layers,
-               "trainable_params": self.trainable_params, "total_params": self.total_params,
-               "trainable_percent": self.trainable_percent, "val_accuracy": self.val_accuracy,
-               "val_loss": self.val_loss, "val_curve": self.val_curve, "train_steps": self.train_steps,
-               "train_time_s": self.train_time_s, "s_per_step": self.s_per_step,
-               "peak_memory_mib": self.peak_memory_mib, "memory_kind": self.memory_kind,
-               "final_train_loss": sum(self.losses[-10:]) / max(1, len(self.losses[-10:])), "losses": self.losses}
+        out = {
+            "method": self.method,
+            "profile": self.profile,
+            "seed": self.seed,
+            "lr": self.lr,
+            "head_lr": self.head_lr,
+            "backbone": self.backbone,
+            "device": self.device,
+            "lora_layers": self.lora_layers,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": self.trainable_percent,
+            "val_accuracy": self.val_accuracy,
+            "val_loss": self.val_loss,
+            "val_curve": self.val_curve,
+            "train_steps": self.train_steps,
+            "train_time_s": self.train_time_s,
+            "s_per_step": self.s_per_step,
+            "peak_memory_mib": self.peak_memory_mib,
+            "memory_kind": self.memory_kind,
+            "final_train_loss": sum(self.losses[-10:]) / max(1, len(self.losses[-10:])),
+            "losses": self.losses,
+        }
         if self.test is not None:
-            out.update(test_accuracy=self.test["accuracy"], test_loss=self.test["loss"],
-                       confusion=self.test["confusion"], test_predictions=self.test["predictions"])
+            out.update(
+                test_accuracy=self.test["accuracy"],
+                test_loss=self.test["loss"],
+                confusion=self.test["confusion"],
+                test_predictions=self.test["predictions"],
+            )
         return out
 
     def line(self) -> str:
         """One line for a log."""
         test = f"  test {self.test_accuracy:.3f}" if self.test is not None else ""
-        return (f"{self.method:<10} seed {self.seed}  lr {self.lr:<7.2g} val {self.val_accuracy:.3f}{test}  "
-                f"({self.train_steps} steps, {self.train_time_s:.0f} s)")
+        return (
+            f"{self.method:<10} seed {self.seed}  lr {self.lr:<7.2g} val {self.val_accuracy:.3f}{test}  "
+            f"({self.train_steps} steps, {self.train_time_s:.0f} s)"
+        )
 
 
-def run(spec: MethodSpec, data: TokenizedData, profile, *, seed: int | None = None, lr: float | None = None,
-        head_lr: float | None = None, test: bool = False, backbone=None, device=None, keep_model: bool = False,
-        track=TRACKED, verbose: bool = False) -> RunResult:
+def run(
+    spec: MethodSpec,
+    data: TokenizedData,
+    profile,
+    *,
+    seed: int | None = None,
+    lr: float | None = None,
+    head_lr: float | None = None,
+    test: bool = False,
+    backbone=None,
+    device=None,
+    keep_model: bool = False,
+    track=TRACKED,
+    verbose: bool = False,
+) -> RunResult:
     """Train ``spec`` from a fresh backbone on ``data``; score validation as it goes, test only if ``test``.
 
     ``seed`` (default ``profile.seed``) sets the head init, LoRA's A, the dropout masks
@@ -251,18 +303,42 @@ def run(spec: MethodSpec, data: TokenizedData, profile, *, seed: int | None = No
     params = count_parameters(model)
     groups = param_groups(model, lr, head_lr, profile.head_modules)
     set_seed(seed)  # the same dropout masks whatever happened before
-    result = train(model, data.train_batches(seed), data.val_batches, param_groups=groups, epochs=profile.epochs,
-                   eval_every=profile.eval_every, warmup_ratio=profile.warmup_ratio, weight_decay=profile.weight_decay,
-                   max_grad_norm=profile.max_grad_norm, device=device, desc=spec.name)
+    result = train(
+        model,
+        data.train_batches(seed),
+        data.val_batches,
+        param_groups=groups,
+        epochs=profile.epochs,
+        eval_every=profile.eval_every,
+        warmup_ratio=profile.warmup_ratio,
+        weight_decay=profile.weight_decay,
+        max_grad_norm=profile.max_grad_norm,
+        device=device,
+        desc=spec.name,
+    )
     trained = _tracked_weights(model, track) if track else {}
-    out = RunResult(method=spec.name, kind=spec.kind, seed=seed, lr=lr, head_lr=head_lr,
-                    trainable_params=params.trainable, total_params=params.total, lora_layers=len(names),
-                    losses=result.losses,
-                    val_curve=[{"step": e["step"], "accuracy": e["accuracy"], "loss": e["loss"]} for e in result.evals],
-                    train_steps=result.steps, train_time_s=result.wall_time_s, peak_memory_mib=result.peak_memory_mib,
-                    memory_kind=result.memory_kind, backbone=description, device=str(device), profile=profile.name,
-                    factors=lora_factors(model), initial_factors=initial,
-                    updates={k: trained[k] - pretrained[k] for k in trained})
+    out = RunResult(
+        method=spec.name,
+        kind=spec.kind,
+        seed=seed,
+        lr=lr,
+        head_lr=head_lr,
+        trainable_params=params.trainable,
+        total_params=params.total,
+        lora_layers=len(names),
+        losses=result.losses,
+        val_curve=[{"step": e["step"], "accuracy": e["accuracy"], "loss": e["loss"]} for e in result.evals],
+        train_steps=result.steps,
+        train_time_s=result.wall_time_s,
+        peak_memory_mib=result.peak_memory_mib,
+        memory_kind=result.memory_kind,
+        backbone=description,
+        device=str(device),
+        profile=profile.name,
+        factors=lora_factors(model),
+        initial_factors=initial,
+        updates={k: trained[k] - pretrained[k] for k in trained},
+    )
     if test:
         out.test = evaluate(model, data.test_batches, device)
     if keep_model:
@@ -281,13 +357,23 @@ def score_test(result: RunResult, data: TokenizedData) -> RunResult:
     return result
 
 
-def sweep(spec: MethodSpec, data: TokenizedData, profile, lrs, *, seed: int | None = None,
-          head_lr: float | None = None, verbose: bool = True, **kwargs) -> list[RunResult]:
+def sweep(
+    spec: MethodSpec,
+    data: TokenizedData,
+    profile,
+    lrs,
+    *,
+    seed: int | None = None,
+    head_lr: float | None = None,
+    verbose: bool = True,
+    **kwargs,
+) -> list[RunResult]:
     """One run per learning rate in ``lrs``, scored on the validation split only (``keep_model=True``)."""
     out = []
     for lr in lrs:
-        out.append(run(spec, data, profile, seed=seed, lr=lr, head_lr=head_lr, keep_model=True, verbose=verbose,
-                       **kwargs))
+        out.append(
+            run(spec, data, profile, seed=seed, lr=lr, head_lr=head_lr, keep_model=True, verbose=verbose, **kwargs)
+        )
     return out
 
 
@@ -297,6 +383,7 @@ def best_run(results: list[RunResult]) -> RunResult:
 
 
 # ------------------------------------------------------------------ statistics
+
 
 def mean_sd(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
@@ -318,6 +405,10 @@ def mcnemar(pred_a, pred_b, labels) -> dict:
     b = sum(ra and not rb for ra, rb in zip(right_a, right_b))
     c = sum(rb and not ra for ra, rb in zip(right_a, right_b))
     n = b + c
-    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)
-    return {"a_only": b, "b_only": c, "p_value": p,
-            "accuracy_difference": (sum(right_a) - sum(right_b)) / max(1, len(labels))}
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
+    return {
+        "a_only": b,
+        "b_only": c,
+        "p_value": p,
+        "accuracy_difference": (sum(right_a) - sum(right_b)) / max(1, len(labels)),
+    }

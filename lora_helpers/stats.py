@@ -27,6 +27,7 @@ a difference is a fraction of the seed part; with many seeds it would not be.
 Introduced in notebook 04 (``04_lora_vs_full_finetuning.ipynb``), used by ``compare`` and
 notebook 05.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,8 +104,8 @@ def median_interval(values, confidence: float = 0.95) -> dict:
     xs = sorted(float(v) for v in values)
     n, tail = len(xs), (1 - confidence) / 2
     j, below = 0, 0.0
-    while j < n and below + math.comb(n, j) / 2 ** n <= tail:  # P(Binomial(n, 1/2) <= j) <= tail
-        below += math.comb(n, j) / 2 ** n
+    while j < n and below + math.comb(n, j) / 2**n <= tail:  # P(Binomial(n, 1/2) <= j) <= tail
+        below += math.comb(n, j) / 2**n
         j += 1
     if j == 0:
         raise ValueError(f"{n} values are too few for a {confidence:.0%} interval of the median: time more rounds")
@@ -144,11 +145,18 @@ def at_chance(accuracy: float, n_test: int) -> bool:
     return accuracy < 0.5 + 2 * math.sqrt(0.25 / n_test)
 
 
-def seed_verdict(differences, margin: float = EQUIVALENCE_MARGIN, confidence: float = 0.95,
-                 accuracies_a=None, accuracies_b=None, n_test: int | None = None) -> dict:
+def seed_verdict(
+    differences,
+    margin: float = EQUIVALENCE_MARGIN,
+    confidence: float = 0.95,
+    accuracies_a=None,
+    accuracies_b=None,
+    n_test: int | None = None,
+) -> dict:
     """The method-level verdict on A - B from the per-seed ``differences`` (``seed_differences``).
 
-    In this order: fewer than ``MIN_SEEDS`` (3) seeds -> "no verdict"; "unstable" when the seeds disagree about whether the configuration
+    In this order: fewer than ``MIN_SEEDS`` (3) seeds -> "no verdict"; "unstable" when the seeds disagree about
+    whether the configuration
     learns at all: a group mixes runs at chance (``at_chance``, given the accuracies and ``n_test``) with runs that
     learned (its mean and interval then describe no typical run); "equivalent" when the interval lies inside
     ``±margin``; "better" / "worse" when it excludes 0; otherwise "inconclusive". Returns the ``t_interval`` with
@@ -178,12 +186,21 @@ def seed_verdict(differences, margin: float = EQUIVALENCE_MARGIN, confidence: fl
     return {**out, "verdict": "inconclusive"}
 
 
-def compare_runs(runs_a: list, runs_b: list, n_test: int, margin: float = EQUIVALENCE_MARGIN,
-                 by_seed: bool = True) -> dict:
+def compare_runs(
+    runs_a: list, runs_b: list, n_test: int, margin: float = EQUIVALENCE_MARGIN, by_seed: bool = True
+) -> dict:
     """``seed_verdict`` of A against B straight from their runs (``RunResult`` or ``metrics()`` dicts)."""
     diffs = seed_differences(runs_a, runs_b, by_seed)
-    return {**seed_verdict(diffs, margin, accuracies_a=[accuracy_of(r) for r in runs_a],
-                           accuracies_b=[accuracy_of(r) for r in runs_b], n_test=n_test), "differences": diffs}
+    return {
+        **seed_verdict(
+            diffs,
+            margin,
+            accuracies_a=[accuracy_of(r) for r in runs_a],
+            accuracies_b=[accuracy_of(r) for r in runs_b],
+            n_test=n_test,
+        ),
+        "differences": diffs,
+    }
 
 
 def gap_recovered(runs: list, full_runs: list, head_runs: list, confidence: float = 0.95) -> dict:
@@ -196,15 +213,15 @@ def gap_recovered(runs: list, full_runs: list, head_runs: list, confidence: floa
     full = {_seed_of(r): accuracy_of(r) for r in full_runs}
     head = {_seed_of(r): accuracy_of(r) for r in head_runs}
     paired = [r for r in runs if _seed_of(r) in full and _seed_of(r) in head]
-    shares = [(accuracy_of(r) - head[s]) / (full[s] - head[s]) for r in paired
-              if full[s := _seed_of(r)] > head[s]]
+    shares = [(accuracy_of(r) - head[s]) / (full[s] - head[s]) for r in paired if full[s := _seed_of(r)] > head[s]]
     if not shares:
         raise ValueError("no seed where full fine-tuning beats head-only: the gap is undefined")
     return {**t_interval(shares, confidence), "shares": shares, "seeds_left_out": len(paired) - len(shares)}
 
 
-def seeds_needed(sd: float, margin: float = EQUIVALENCE_MARGIN, mean: float = 0.0, confidence: float = 0.95,
-                 most: int = 1000) -> int | None:
+def seeds_needed(
+    sd: float, margin: float = EQUIVALENCE_MARGIN, mean: float = 0.0, confidence: float = 0.95, most: int = 1000
+) -> int | None:
     """The smallest n with ``|mean| + t(n - 1) sd / sqrt(n) < margin``: how many seeds an interval would need to
     fit just inside ``±margin`` *if* the mean and sd stayed as observed (None: not within ``most`` seeds).
 

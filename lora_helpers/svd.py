@@ -7,6 +7,7 @@ A matrix may live on any device: the SVD is computed on the CPU, and
 ``truncated_svd`` / ``low_rank_approx`` hand their results back on the
 matrix's own device, so ``W - low_rank_approx(W, r)`` works for a GPU weight.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -93,4 +94,3 @@ def plot_singular_values(spectra, ax=None, title="Singular values", normalize=Fa
     if len(spectra) > 1:
         ax.legend()
     return ax
-

@@ -3,20 +3,22 @@
 Introduced in notebook 01 (``set_seed``, ``print_versions``); ``get_device`` in
 notebook 03. ``check_can_write`` and ``write_files_atomically`` serve the
 functions that write files (``save_adapter``, introduced in notebook 03;
-``export_to_peft``; the command line).
+``export_to_peft``; the command line). ``PeakMemory``, the process's peak memory while
+training, is used by the training loop (notebook 03).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import platform
 import random
+import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
-
 
 THREADS_ENV = "LORA_NUM_THREADS"  # set by conftest.py and tools/execute_notebooks.sh (to 2)
 
@@ -27,8 +29,10 @@ def _threads_from_env() -> int | None:
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{THREADS_ENV} must be a positive whole number of threads, got {value!r}: "
-                         f"unset it to let torch use every core, or set e.g. {THREADS_ENV}=2")
+        raise ValueError(
+            f"{THREADS_ENV} must be a positive whole number of threads, got {value!r}: "
+            f"unset it to let torch use every core, or set e.g. {THREADS_ENV}=2"
+        )
     return int(value)
 
 
@@ -49,8 +53,9 @@ def set_seed(seed: int = 0, deterministic: bool = True, num_threads: int | None 
     if num_threads is None:
         num_threads = _threads_from_env()
     elif num_threads < 1:
-        raise ValueError(f"num_threads must be at least 1 (or None to leave torch's thread count alone), "
-                         f"got {num_threads!r}")
+        raise ValueError(
+            f"num_threads must be at least 1 (or None to leave torch's thread count alone), got {num_threads!r}"
+        )
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
@@ -91,6 +96,7 @@ def print_versions(packages=("torch", "transformers", "datasets", "peft", "numpy
 
 # ------------------------------------------------------------------ writing files safely
 # Used by adapters.save_adapter, peft_interop.export_to_peft and the command line.
+
 
 def check_can_write(path, kind: str = "file") -> Path:
     """Check, without changing anything, that ``path`` can be written as a ``kind`` ("file" or "folder").
@@ -156,3 +162,78 @@ def write_files_atomically(folder, files: dict, remove=()) -> Path:
         if name not in files:
             (folder / name).unlink(missing_ok=True)
     return folder
+
+
+class PeakMemory:
+    """Peak memory while the ``with`` block runs, in MiB.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors only). On CPU (Linux):
+    the process's peak resident set size, read from the kernel's high-water mark
+    (``VmHWM`` in ``/proc/self/status``) after resetting it through
+    ``/proc/self/clear_refs``; it includes everything the process holds, not only
+    tensors. Where the mark cannot be reset, a background thread samples the RSS
+    every 50 ms instead (a faster sampler competes with training for the GIL).
+    Elsewhere the peak is reported as 0.
+    """
+
+    def __init__(self, device):
+        self.device, self.peak_mib, self._stop = torch.device(device), 0.0, threading.Event()
+        self.kind = "cuda max allocated" if self.device.type == "cuda" else "process RSS"
+        self._hwm = False
+
+    @staticmethod
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:  # Linux; elsewhere we report 0
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    @staticmethod
+    def _high_water_mib() -> float:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak_mib = max(self.peak_mib, self.rss_mib())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        if not os.path.exists("/proc/self/statm"):
+            return self
+        self.peak_mib = self.rss_mib()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS to the current RSS
+            self._hwm = True
+        except OSError:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._hwm:
+            self.peak_mib = max(self.peak_mib, self._high_water_mib())
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+        return False
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux: ``/proc/cpuinfo``; elsewhere what ``platform`` reports)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    """One line naming the machine a result was measured on: CPU, cores, GPU, torch and its threads."""
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} with {threads} threads"

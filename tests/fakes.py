@@ -1,4 +1,5 @@
 """Shared test helpers (not a test module): a LoRA model that looks trained, for round-trip tests."""
+
 import torch
 
 from lora_helpers import apply_lora, lora_layers, mark_only_lora_trainable

@@ -1,4 +1,5 @@
 """Tests of lora_helpers.adapters: save/load round trips, and misfits that must fail before changing anything."""
+
 import json
 import types
 
@@ -7,8 +8,17 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lora_helpers import (LoRALinear, apply_lora, load_adapter, lora_layers, lora_state_dict,
-                          mark_only_lora_trainable, merge_lora, read_adapter, save_adapter)
+from lora_helpers import (
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    merge_lora,
+    read_adapter,
+    save_adapter,
+)
 from lora_helpers.adapters import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -55,8 +65,7 @@ def trained_net(r=2, lora_alpha=4, use_rslora=False, lora_dropout=0.0):
 
 
 def snapshot(model):
-    return ({n: type(m) for n, m in model.named_modules()},
-            {k: v.clone() for k, v in model.state_dict().items()})
+    return ({n: type(m) for n, m in model.named_modules()}, {k: v.clone() for k, v in model.state_dict().items()})
 
 
 def assert_same(before, after):
@@ -78,6 +87,7 @@ def saved(tmp_path):
 
 # ------------------------------------------------------------------ round trips
 
+
 def test_save_writes_both_files_and_the_config(saved):
     _, path = saved
     assert (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()
@@ -92,8 +102,14 @@ def test_save_writes_both_files_and_the_config(saved):
 def test_saved_tensors_are_only_lora_and_extra(saved):
     model, path = saved
     tensors = load_file(str(path / WEIGHTS_NAME))
-    assert set(tensors) == {"attn.q.lora_A", "attn.q.lora_B", "attn.v.lora_A", "attn.v.lora_B",
-                            "head.weight", "head.bias"}
+    assert set(tensors) == {
+        "attn.q.lora_A",
+        "attn.q.lora_B",
+        "attn.v.lora_A",
+        "attn.v.lora_B",
+        "head.weight",
+        "head.bias",
+    }
     assert torch.equal(tensors["attn.q.lora_B"], model.attn.q.lora_B.detach())
     assert set(lora_state_dict(model)) == {"attn.q.lora_A", "attn.q.lora_B", "attn.v.lora_A", "attn.v.lora_B"}
 
@@ -155,6 +171,7 @@ def test_loading_warns_when_the_base_model_name_differs(saved):
 
 # ------------------------------------------------------------------ misfits
 
+
 def check_refused(model, path, error, match):
     before = snapshot(model)
     with pytest.raises(error, match=match):
@@ -185,13 +202,16 @@ def test_lora_on_other_layers(saved):
 
 def test_wrong_shapes(saved):
     _, path = saved
-    check_refused(base_net(d=16), path, ValueError,
-                  r"attn.q.lora_A: adapter has shape \(2, 8\), this model needs \(2, 16\)")
+    check_refused(
+        base_net(d=16), path, ValueError, r"attn.q.lora_A: adapter has shape \(2, 8\), this model needs \(2, 16\)"
+    )
 
 
 def test_missing_target_layer(saved):
     _, path = saved
-    check_refused(base_net(with_v=False), path, ValueError, r"attn.v: the adapter targets it, but the model has no such layer")
+    check_refused(
+        base_net(with_v=False), path, ValueError, r"attn.v: the adapter targets it, but the model has no such layer"
+    )
 
 
 def test_merged_model(saved):
@@ -252,6 +272,7 @@ def test_loaded_layers_are_lora_linear(saved):
 
 
 # ------------------------------------------------------------------ robustness (issue 14)
+
 
 def outputs_of_folder(path):
     """What the adapter in ``path`` computes on X, loaded into a fresh base model."""
@@ -331,7 +352,7 @@ def test_saving_over_a_file_is_refused(tmp_path):
 
 def pissa_net(seed=1):
     """The pretrained model, LoRA on q and v initialised with pissa_init_, then "trained" (A, B, head changed)."""
-    from lora_helpers.experiments import pissa_init_
+    from lora_helpers.lora import pissa_init_
 
     net = base_net()
     apply_lora(net, ["q", "v"], r=2, lora_alpha=4)
@@ -371,7 +392,7 @@ def test_a_pissa_state_dict_keeps_the_mark_for_a_later_save(tmp_path):
 
 
 def test_a_plain_adapter_into_a_pissa_initialised_model_is_refused(saved):
-    from lora_helpers.experiments import pissa_init_
+    from lora_helpers.lora import pissa_init_
 
     _, path = saved
     model = base_net()
@@ -390,13 +411,16 @@ def rewrite_config(path, **changes):
     (path / CONFIG_NAME).write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(r=None), r"missing \['r'\]"),
-    (dict(target_modules=None), r"missing \['target_modules'\]"),
-    (dict(r="2"), "r must be an integer >= 1, got '2'"),
-    (dict(lora_alpha=-1), "lora_alpha must be a number > 0"),
-    (dict(target_modules="attn.q"), "target_modules must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(r=None), r"missing \['r'\]"),
+        (dict(target_modules=None), r"missing \['target_modules'\]"),
+        (dict(r="2"), "r must be an integer >= 1, got '2'"),
+        (dict(lora_alpha=-1), "lora_alpha must be a number > 0"),
+        (dict(target_modules="attn.q"), "target_modules must be a non-empty list"),
+    ],
+)
 def test_a_config_with_missing_or_wrong_entries_names_the_file_and_the_entry(saved, changes, match):
     _, path = saved
     rewrite_config(path, **changes)
@@ -412,8 +436,10 @@ def test_invalid_json_names_the_file(saved):
 def test_a_truncated_tensor_file_names_the_file(saved):
     _, path = saved
     data = (path / WEIGHTS_NAME).read_bytes()
-    (path / WEIGHTS_NAME).write_bytes(data[:len(data) // 2])
-    check_refused(base_net(), path, ValueError, rf"{WEIGHTS_NAME} cannot be read as safetensors .*damaged or incomplete")
+    (path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    check_refused(
+        base_net(), path, ValueError, rf"{WEIGHTS_NAME} cannot be read as safetensors .*damaged or incomplete"
+    )
 
 
 def test_the_tensor_file_instead_of_its_folder_says_so(saved):

@@ -1,4 +1,5 @@
 """Tests of lora_helpers.analysis against hand-computed cases (paper Section 7: Eq. 4 and Table 7)."""
+
 import math
 
 import pytest
@@ -6,9 +7,17 @@ import torch
 import torch.nn as nn
 
 from lora_helpers import apply_lora, lora_layers, merge_lora
+from lora_helpers.analysis import (
+    amplification,
+    energy_in_top,
+    expected_random_similarity,
+    random_like,
+    subspace_similarity,
+    subspace_similarity_grid,
+    top_directions,
+    weight_updates,
+)
 from lora_helpers.experiments import PAPER_TABLE7
-from lora_helpers.analysis import (amplification, energy_in_top, expected_random_similarity, random_like,
-                                   subspace_similarity, subspace_similarity_grid, top_directions, weight_updates)
 
 
 def orthonormal(d, k, seed=0):
@@ -18,6 +27,7 @@ def orthonormal(d, k, seed=0):
 
 
 # ------------------------------------------------------------------ subspace similarity (Eq. 4)
+
 
 def test_identical_subspaces_give_one():
     U = orthonormal(20, 6)
@@ -103,6 +113,7 @@ def test_expected_random_similarity_matches_monte_carlo():
 
 # ------------------------------------------------------------------ baselines and energy
 
+
 def test_random_like_has_the_shape_and_norm_of_its_model():
     M = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     R = random_like(M, seed=0)
@@ -120,6 +131,7 @@ def test_energy_in_top():
 
 # ------------------------------------------------------------------ amplification (Table 7)
 
+
 def test_amplification_on_a_constructed_update():
     # W = diag(10, 5, 1, 0.5, 0.1, 0.1); dW = 2 e3 e3^T amplifies W's 3rd direction (W there: 1).
     W = torch.diag(torch.tensor([10.0, 5.0, 1.0, 0.5, 0.1, 0.1], dtype=torch.float64))
@@ -129,10 +141,10 @@ def test_amplification_on_a_constructed_update():
     out = amplification(W, dW, r=1)
     assert out["norm_dW"] == pytest.approx(2.0)
     assert out["norm_W"] == pytest.approx(W.norm().item())
-    assert out["proj_on_dW"] == pytest.approx(1.0)       # |u^T W v| with u = v = e3
-    assert out["proj_on_W"] == pytest.approx(10.0)        # W's own top direction
-    assert out["amplification"] == pytest.approx(2.0)     # ||dW||_F / ||U^T W V||_F = 2 / 1
-    assert 0.0 <= out["proj_on_random"] <= 10.0 + 1e-9   # bounded by ||W||_2
+    assert out["proj_on_dW"] == pytest.approx(1.0)  # |u^T W v| with u = v = e3
+    assert out["proj_on_W"] == pytest.approx(10.0)  # W's own top direction
+    assert out["amplification"] == pytest.approx(2.0)  # ||dW||_F / ||U^T W V||_F = 2 / 1
+    assert 0.0 <= out["proj_on_random"] <= 10.0 + 1e-9  # bounded by ||W||_2
 
 
 def test_amplification_rank_two_with_signs():
@@ -143,16 +155,17 @@ def test_amplification_rank_two_with_signs():
     dW[0, 1], dW[3, 4] = -3.0, 4.0
     out = amplification(W, dW, r=2)
     assert out["norm_dW"] == pytest.approx(5.0)
-    assert out["proj_on_dW"] == pytest.approx(math.sqrt(0.5 ** 2 + 2.0 ** 2))
+    assert out["proj_on_dW"] == pytest.approx(math.sqrt(0.5**2 + 2.0**2))
     assert out["amplification"] == pytest.approx(5.0 / math.sqrt(4.25))
-
 
 
 def test_amplification_random_expectation_matches_monte_carlo():
     # E ||U^T W V||_F^2 = ||W||_F^2 r^2 / (d_out d_in) for random orthonormal U (d_out x r), V (d_in x r):
     # check the closed form against a Monte-Carlo mean computed here, and that a random dW is not "aligned".
     g = torch.Generator().manual_seed(1)
-    W = torch.randn(40, 30, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(3, 0.1, 30, dtype=torch.float64))
+    W = torch.randn(40, 30, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.linspace(3, 0.1, 30, dtype=torch.float64)
+    )
     r = 3
     sq = []
     for _ in range(1000):
@@ -162,7 +175,7 @@ def test_amplification_random_expectation_matches_monte_carlo():
     out = amplification(W, torch.randn(40, 30, generator=g, dtype=torch.float64), r=r, n_random=200)
     assert out["random_expected"] ** 2 == pytest.approx(sum(sq) / len(sq), rel=0.08)
     assert out["proj_on_random"] == pytest.approx(out["random_expected"], rel=0.1)  # mean of sqrt <= sqrt of mean
-    assert 0.3 < out["alignment"] < 3.0                                            # chance level, not 10x
+    assert 0.3 < out["alignment"] < 3.0  # chance level, not 10x
     assert out["relative_update"] == pytest.approx(out["norm_dW"] / W.norm().item())
 
 
@@ -181,7 +194,9 @@ def test_amplification_refuses_a_bad_number_of_random_draws():
         with pytest.raises(ValueError, match="n_random"):
             amplification(torch.eye(4), torch.eye(4), r=1, n_random=n)
 
+
 # ------------------------------------------------------------------ weight updates of a LoRA model
+
 
 class TinyAttention(nn.Module):
     def __init__(self):
@@ -206,13 +221,18 @@ def test_weight_updates_of_a_lora_model_equal_scaling_B_A():
         torch.testing.assert_close(updates[f"{name}.weight"], expected)
     merge_lora(model)  # merged: the same update, now read from the base weight
     for name, layer in lora_layers(model).items():
-        torch.testing.assert_close(weight_updates(before, model)[f"{name}.weight"],
-                                   3.0 * layer.lora_B.detach() @ layer.lora_A.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            weight_updates(before, model)[f"{name}.weight"],
+            3.0 * layer.lora_B.detach() @ layer.lora_A.detach(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     with pytest.raises(ValueError):
         weight_updates(before, model, suffixes=("nothing.weight",))
 
 
 # ------------------------------------------------------------------ robustness (issue 14)
+
 
 @pytest.mark.parametrize("k", [0, -1, 13, 2.0, True])
 def test_energy_in_top_refuses_k_outside_the_spectrum(k):

@@ -1,4 +1,5 @@
 """Tests for lora_helpers.backbone: the exact BERT -> DistilBERT conversion and load_backbone."""
+
 import json
 import time
 from pathlib import Path

@@ -4,6 +4,7 @@ The run's shape is checked against what ``loop.train`` really does, the estimate
 written out by hand, and the calibration for what could go wrong: it must leave the model and
 the random number generators as they were.
 """
+
 import math
 
 import pytest
@@ -15,8 +16,9 @@ from lora_helpers.banner import estimate_seconds, time_steps
 from lora_helpers.compare import committed_runs
 from lora_helpers.loop import train
 
-TINY = DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=1200, max_position_embeddings=64,
-                        num_labels=2)
+TINY = DistilBertConfig(
+    dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=1200, max_position_embeddings=64, num_labels=2
+)
 
 
 def tiny_model(seed=0):
@@ -34,12 +36,16 @@ def test_default_profile_on_a_cpu_is_quick(monkeypatch):
 
 def test_run_shape_matches_what_train_does():
     """Steps and validation passes as loop.train counts them, on a run small enough to train here."""
-    profile = PROFILES["quick"].replace(n_train=40, n_val=10, n_test=7, batch_size=4, eval_every=3, eval_batch_size=4,
-                                        max_length=8)
+    profile = PROFILES["quick"].replace(
+        n_train=40, n_val=10, n_test=7, batch_size=4, eval_every=3, eval_batch_size=4, max_length=8
+    )
     shape = profile.run_shape()
     model = tiny_model()
-    batch = {"input_ids": torch.randint(1000, 1200, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long),
-             "labels": torch.randint(0, 2, (4,))}
+    batch = {
+        "input_ids": torch.randint(1000, 1200, (4, 8)),
+        "attention_mask": torch.ones(4, 8, dtype=torch.long),
+        "labels": torch.randint(0, 2, (4,)),
+    }
     result = train(model, [batch] * math.ceil(40 / 4), [batch], lr=1e-3, eval_every=3, device="cpu")
     assert shape["steps"] == result.steps == 10
     assert shape["val_passes"] == len(result.evals) == 4  # after steps 3, 6, 9 and the last
@@ -79,8 +85,14 @@ def test_banner_prints_profile_data_backbone_device_and_time(capsys):
     profile = PROFILES["quick"].replace(max_length=8, batch_size=2, eval_batch_size=2)
     out = print_banner(profile, tiny_model(), "a tiny random DistilBERT", "cpu", plan={"lora": 2})
     text = capsys.readouterr().out
-    for word in ("profile : 'quick'", "1,000 train / 200 validation / 500 test reviews", "tiny random DistilBERT",
-                 "device  : cpu", "runs    : 2 (lora x2)", "time    : about"):
+    for word in (
+        "profile : 'quick'",
+        "1,000 train / 200 validation / 500 test reviews",
+        "tiny random DistilBERT",
+        "device  : cpu",
+        "runs    : 2 (lora x2)",
+        "time    : about",
+    ):
         assert word in text, (word, text)
     assert max(len(line) for line in text.splitlines()) <= 100  # no wrapping in a notebook
     assert out["estimate_s"] == pytest.approx(estimate_seconds(profile, {"lora": 2}, out["seconds"]))

@@ -1,4 +1,5 @@
 """Tests of the command line, ``python -m lora_helpers`` (lora_helpers/__main__.py)."""
+
 import json
 import os
 import subprocess
@@ -12,20 +13,38 @@ from lora_helpers.adapters import CONFIG_NAME, WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 # offline, no progress bars; PASSIVE: idle OpenMP threads sleep instead of spinning (a busy machine stays usable)
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
-       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
 TINY = ["--n-train", "32", "--n-val", "16", "--n-test", "32", "--max-length", "32"]
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lora_helpers", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_helpers", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_train_writes_metrics_and_adapter(tmp_path):
-    run = cli("train", "--method", "lora", "--profile", "quick", *TINY, "--out", str(tmp_path / "m.json"),
-              "--save-adapter", str(tmp_path / "adapter"), cwd=tmp_path)
+    run = cli(
+        "train",
+        "--method",
+        "lora",
+        "--profile",
+        "quick",
+        *TINY,
+        "--out",
+        str(tmp_path / "m.json"),
+        "--save-adapter",
+        str(tmp_path / "adapter"),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     m = json.loads((tmp_path / "m.json").read_text())
     # the CLI contract (issue 10): these keys stay
@@ -51,14 +70,17 @@ def test_bad_method_fails_with_a_message(tmp_path):
     assert "invalid choice: 'qlora'" in run.stderr and "lora-all" in run.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--profile", "huge"], "invalid choice: 'huge'"),
-    (["train", "--n-train", "0"], "expected an integer >= 1"),
-    (["train", "--lr", "-1"], "expected a positive finite number"),
-    (["compare", "--seeds", "0"], "expected an integer >= 1"),
-    (["train", "--method", "head", "--save-adapter", "x"], "--save-adapter needs a LoRA method"),
-    ([], "required: COMMAND"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--profile", "huge"], "invalid choice: 'huge'"),
+        (["train", "--n-train", "0"], "expected an integer >= 1"),
+        (["train", "--lr", "-1"], "expected a positive finite number"),
+        (["compare", "--seeds", "0"], "expected an integer >= 1"),
+        (["train", "--method", "head", "--save-adapter", "x"], "--save-adapter needs a LoRA method"),
+        ([], "required: COMMAND"),
+    ],
+)
 def test_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)
@@ -69,8 +91,9 @@ def test_bad_arguments(args, message, capsys):
 def test_profile_overrides(monkeypatch):
     monkeypatch.setenv("LORA_PROFILE", "quick")
     parser = build_parser()
-    profile = profile_from_args(parser.parse_args(["train", "--n-train", "all", "--epochs", "2", "--seed", "3"]),
-                                parser)
+    profile = profile_from_args(
+        parser.parse_args(["train", "--n-train", "all", "--epochs", "2", "--seed", "3"]), parser
+    )
     assert (profile.name, profile.n_train, profile.epochs, profile.seed) == ("quick", None, 2, 3)
     assert profile.n_test == 500 and profile.max_length == 64  # not given: the profile's own
     args = parser.parse_args(["train", "--profile", "cpu", "--max-length", "64"])
@@ -78,6 +101,7 @@ def test_profile_overrides(monkeypatch):
 
 
 # ------------------------------------------------------------------ bad input: one clear line, never a traceback
+
 
 def _no_work(*args, **kwargs):
     raise AssertionError("work started although the command line was bad")
@@ -127,9 +151,14 @@ def test_bad_command_lines_are_refused_before_any_work(argv, message, tmp_path, 
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "adir").mkdir()
     monkeypatch.chdir(tmp_path)
-    for target in ("lora_helpers.data.load_imdb", "lora_helpers.backbone.load_backbone",
-                   "lora_helpers.loop.run_experiment", "lora_helpers.runner.run", "lora_helpers.runner.load_splits",
-                   "lora_helpers.compare.compare_methods"):
+    for target in (
+        "lora_helpers.data.load_imdb",
+        "lora_helpers.backbone.load_backbone",
+        "lora_helpers.loop.run_experiment",
+        "lora_helpers.runner.run",
+        "lora_helpers.runner.load_splits",
+        "lora_helpers.compare.compare_methods",
+    ):
         monkeypatch.setattr(target, _no_work, raising=False)
     argv = [a.format(dir=tmp_path / "adir", file=tmp_path / "afile") for a in argv]
     assert_one_clear_error(*run_main(argv, capsys), message)
@@ -137,11 +166,14 @@ def test_bad_command_lines_are_refused_before_any_work(argv, message, tmp_path, 
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("argv, env, message", [
-    (["train", "--backbone", "/no/such/backbone"], {}, "Unknown backbone '/no/such/backbone'"),
-    (["train"], {"LORA_IMDB_DIR": "/no/such/imdb"}, "LORA_IMDB_DIR='/no/such/imdb' is not an existing folder"),
-    (["train", "--n-train", "100000"], {}, "reviews, but the train split has"),
-])
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["train", "--backbone", "/no/such/backbone"], {}, "Unknown backbone '/no/such/backbone'"),
+        (["train"], {"LORA_IMDB_DIR": "/no/such/imdb"}, "LORA_IMDB_DIR='/no/such/imdb' is not an existing folder"),
+        (["train", "--n-train", "100000"], {}, "reviews, but the train split has"),
+    ],
+)
 def test_bad_input_found_while_loading_is_one_error_line(argv, env, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORA_PROFILE", "quick")
     for key, value in env.items():
@@ -169,4 +201,4 @@ def test_estimate_counts_the_compare_it_describes(capsys):
     runs = sum(len(SWEEP_LRS[m]) + 2 for m in ("lora", "full"))
     assert f"{runs} training runs" in out and "NVIDIA T4" in out and "DistilBERT (768 wide)" in out
     assert main(["estimate", "--profile", "gpu", "--notebook", "04"]) == 0
-    assert "This notebook trains 12 runs" in capsys.readouterr().out
+    assert "This notebook trains 15 runs" in capsys.readouterr().out  # 4 methods x 3 seeds + the 3-seed control

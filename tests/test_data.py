@@ -1,4 +1,5 @@
 """Tests for lora_helpers.data: sources, errors, balanced subsets, cleaning."""
+
 import pandas as pd
 import pytest
 
@@ -13,10 +14,9 @@ def reviews(split, label, k):
 
 @pytest.fixture(autouse=True)
 def no_fallbacks(tmp_path_factory, monkeypatch):
-    """Every test starts with no source at all: empty repo and shared folders, no env var, offline."""
+    """Every test starts with no source at all: an empty repository folder, no env var, offline."""
     empty = tmp_path_factory.mktemp("empty")
     monkeypatch.setattr(data, "REPO_ROOT", empty / "repo")
-    monkeypatch.setattr(data, "SHARED_IMDB_DIR", empty / "shared" / "data" / "imdb")
     monkeypatch.delenv("LORA_IMDB_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
@@ -71,8 +71,10 @@ def test_env_var_and_repo_fallbacks(parquet_dir, acl_dir, tmp_path, monkeypatch)
     assert "aclImdb" in load_imdb(verbose=False)["train"].info.description
 
 
-def test_shared_fallback(parquet_dir, monkeypatch):
-    monkeypatch.setattr(data, "SHARED_IMDB_DIR", parquet_dir)
+def test_a_copy_outside_the_repository_is_configuration(parquet_dir, monkeypatch):
+    """The package knows no machine's layout: a copy elsewhere is found through LORA_IMDB_DIR only."""
+    assert not hasattr(data, "SHARED_IMDB_DIR")
+    monkeypatch.setenv("LORA_IMDB_DIR", str(parquet_dir))
     assert len(load_imdb(verbose=False)["train"]) == 12
 
 
@@ -142,14 +144,18 @@ def test_hub_reachable_honours_offline(monkeypatch):
 
 # ------------------------------------------------------------------ robustness (issue 14)
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(n_train=0), ValueError, "n_train must be a whole number of reviews >= 1, or None .* got 0"),
-    (dict(n_train=-2), ValueError, "n_train must be a whole number .* got -2"),
-    (dict(n_test=0), ValueError, "n_test must be a whole number .* got 0"),
-    (dict(n_train=10.5), TypeError, "n_train must be a whole number .* got float 10.5"),
-    (dict(n_train="10"), TypeError, "n_train must be a whole number .* got str '10'"),
-    (dict(n_train=True), TypeError, "n_train must be a whole number .* got bool True"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(n_train=0), ValueError, "n_train must be a whole number of reviews >= 1, or None .* got 0"),
+        (dict(n_train=-2), ValueError, "n_train must be a whole number .* got -2"),
+        (dict(n_test=0), ValueError, "n_test must be a whole number .* got 0"),
+        (dict(n_train=10.5), TypeError, "n_train must be a whole number .* got float 10.5"),
+        (dict(n_train="10"), TypeError, "n_train must be a whole number .* got str '10'"),
+        (dict(n_train=True), TypeError, "n_train must be a whole number .* got bool True"),
+    ],
+)
 def test_bad_subset_sizes_are_refused(parquet_dir, kwargs, error, match):
     with pytest.raises(error, match=match):
         load_imdb(data_dir=parquet_dir, verbose=False, **kwargs)
@@ -171,7 +177,8 @@ def test_an_acl_folder_without_reviews_is_an_error_naming_the_folder(acl_dir):
 
 def test_an_empty_parquet_split_is_an_error(parquet_dir):
     pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=int)}).to_parquet(
-        parquet_dir / "test.parquet")
+        parquet_dir / "test.parquet"
+    )
     with pytest.raises(ValueError, match=r"test\.parquet holds no reviews"):
         load_imdb(data_dir=parquet_dir, verbose=False)
 

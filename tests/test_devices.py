@@ -14,15 +14,23 @@ a meta tensor has a shape and a dtype but no data. That makes it a strict probe:
 So each test below feeds a meta tensor (often next to a CPU one) and demands the
 "cannot copy out of meta" error: proof that the input is brought to the CPU first.
 """
+
 import pytest
 import torch
 import torch.nn as nn
 
 from lora_helpers import LoRALinear, apply_lora
-from lora_helpers.analysis import (amplification, energy_in_top, random_like, subspace_similarity,
-                                   subspace_similarity_grid, top_directions, weight_updates)
+from lora_helpers.analysis import (
+    amplification,
+    energy_in_top,
+    random_like,
+    subspace_similarity,
+    subspace_similarity_grid,
+    top_directions,
+    weight_updates,
+)
 from lora_helpers.compare import low_rank_report, plot_update_spectra
-from lora_helpers.experiments import pissa_init_
+from lora_helpers.lora import pissa_init_
 from lora_helpers.memory import measure_training_memory
 from lora_helpers.runner import lora_factors
 from lora_helpers.svd import energy_captured, low_rank_approx, truncated_svd
@@ -45,20 +53,35 @@ def test_the_probe_itself_mixing_meta_and_cpu_can_be_silent():
     assert out.device.type == "cpu"
 
 
-@pytest.mark.parametrize("call", [
-    lambda: subspace_similarity(cpu(), meta(), 2, 2),            # notebook 04's phi: dW on CPU, B A on the GPU
-    lambda: subspace_similarity(meta(), cpu(), 2, 2),
-    lambda: subspace_similarity_grid(cpu(), meta()),
-    lambda: amplification(meta(12, 12), cpu(12, 12), r=2),        # W from the model, dW on the CPU
-    lambda: amplification(cpu(12, 12), meta(12, 12), r=2),
-    lambda: energy_in_top(meta(), 2),
-    lambda: top_directions(meta(), 2),
-    lambda: random_like(meta()),
-    lambda: energy_captured(torch.empty(5, device="meta")),
-    lambda: truncated_svd(meta(), 2),
-    lambda: low_rank_approx(meta(), 2),
-], ids=["phi cpu,dev", "phi dev,cpu", "phi grid", "amplification W", "amplification dW", "energy_in_top",
-        "top_directions", "random_like", "energy_captured", "truncated_svd", "low_rank_approx"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: subspace_similarity(cpu(), meta(), 2, 2),  # notebook 04's phi: dW on CPU, B A on the GPU
+        lambda: subspace_similarity(meta(), cpu(), 2, 2),
+        lambda: subspace_similarity_grid(cpu(), meta()),
+        lambda: amplification(meta(12, 12), cpu(12, 12), r=2),  # W from the model, dW on the CPU
+        lambda: amplification(cpu(12, 12), meta(12, 12), r=2),
+        lambda: energy_in_top(meta(), 2),
+        lambda: top_directions(meta(), 2),
+        lambda: random_like(meta()),
+        lambda: energy_captured(torch.empty(5, device="meta")),
+        lambda: truncated_svd(meta(), 2),
+        lambda: low_rank_approx(meta(), 2),
+    ],
+    ids=[
+        "phi cpu,dev",
+        "phi dev,cpu",
+        "phi grid",
+        "amplification W",
+        "amplification dW",
+        "energy_in_top",
+        "top_directions",
+        "random_like",
+        "energy_captured",
+        "truncated_svd",
+        "low_rank_approx",
+    ],
+)
 def test_analysis_and_svd_helpers_move_their_inputs_to_the_cpu(call):
     with MOVED_TO_CPU:
         call()

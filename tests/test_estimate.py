@@ -1,4 +1,5 @@
 """estimate: FLOP counts against torch's own FLOP counter, step and evaluation counts against committed runs."""
+
 import json
 from pathlib import Path
 
@@ -8,13 +9,31 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
 from lora_helpers import apply_lora, get_profile, mark_only_lora_trainable
-from lora_helpers.estimate import (DEVICES, SHAPES, compare_plan, forward_flops, lora_params, measured_rates,
-                                   notebook_flops, plan_cost, run_flops, train_step_flops)
+from lora_helpers.estimate import (
+    DEVICES,
+    SHAPES,
+    compare_plan,
+    forward_flops,
+    lora_params,
+    measured_rates,
+    notebook_flops,
+    plan_cost,
+    run_flops,
+    train_step_flops,
+)
 from lora_helpers.lora import freeze_all_except
 
 RESULTS = Path(__file__).resolve().parents[1] / "lora_helpers" / "results"
-TINY = DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100, max_position_embeddings=64,
-                        num_labels=2, attn_implementation="eager")  # eager: torch counts its attention products
+TINY = DistilBertConfig(
+    dim=32,
+    hidden_dim=64,
+    n_layers=2,
+    n_heads=4,
+    vocab_size=100,
+    max_position_embeddings=64,
+    num_labels=2,
+    attn_implementation="eager",
+)  # eager: torch counts its attention products
 
 
 def counted(model, batch, backward: bool) -> int:
@@ -33,8 +52,11 @@ def tiny(seed=0):
 
 def batch(b=3, s=10):
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(1, 100, (b, s), generator=g), "attention_mask": torch.ones(b, s, dtype=torch.long),
-            "labels": torch.tensor([0, 1, 0][:b])}
+    return {
+        "input_ids": torch.randint(1, 100, (b, s), generator=g),
+        "attention_mask": torch.ones(b, s, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0][:b]),
+    }
 
 
 def test_forward_flops_equal_torch_flop_counter():
@@ -76,6 +98,7 @@ def test_steps_and_evaluations_match_a_committed_run():
 
 def test_the_standin_shape_is_the_standin():
     from lora_helpers.backbone import load_backbone
+
     config = load_backbone("minilm-standin", verbose=False)[0].config
     shape = SHAPES["minilm-standin"]
     assert (config.dim, config.hidden_dim, config.n_layers) == (shape.dim, shape.hidden_dim, shape.n_layers)
@@ -84,8 +107,9 @@ def test_the_standin_shape_is_the_standin():
 def test_the_cpu_rates_are_the_committed_runs_rates():
     # the quiet cpu run the rates were measured on (AMD EPYC, nothing else running); the package's compare-cpu.json
     # is a later run whose timings were taken beside other work
-    committed = json.loads((Path(__file__).resolve().parent.parent / "results" / "compare-cpu-timing-epyc.json")
-                           .read_text())
+    committed = json.loads(
+        (Path(__file__).resolve().parent.parent / "results" / "compare-cpu-timing-epyc.json").read_text()
+    )
     assert committed["backbone"].startswith("minilm-standin") and "2 cores" in committed["machine"]
     measured = measured_rates(committed)
     cpu = DEVICES["ci-cpu"]

@@ -1,12 +1,12 @@
-"""Tests of lora_helpers.experiments: parameter budgets, and the PiSSA-like init (notebook 05; its runs are tested in test_runner.py)."""
+"""Tests of lora_helpers.experiments: parameter budgets, and the PiSSA-like init (notebook 05; runs: test_runner.py)."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from lora_helpers import LoRALinear, apply_lora, get_profile, lora_layers
-from lora_helpers.experiments import (TARGET_SETS, lora_param_count, max_rank,
-                                      pissa_init_, rank_for_budget, study_profile)
+from lora_helpers.experiments import TARGET_SETS, lora_param_count, max_rank, rank_for_budget, study_profile
+from lora_helpers.lora import pissa_init_
 
 
 class Block(nn.Module):
@@ -27,6 +27,7 @@ class Tiny(nn.Module):
 
 # ------------------------------------------------------------------ parameter budgets
 
+
 def test_lora_param_count_by_hand():
     model = Tiny()  # 2 layers, d = 8, h = 32
     assert lora_param_count(model, ["q_lin"], 1) == 2 * (8 + 8)
@@ -35,7 +36,7 @@ def test_lora_param_count_by_hand():
     assert lora_param_count(model, TARGET_SETS["q,k,v,o,ffn"], 1) == 2 * (4 * 16 + 2 * 40)
     # the count is what apply_lora then creates
     apply_lora(model, TARGET_SETS["q,k,v,o,ffn"], r=3)
-    created = sum(l.lora_A.numel() + l.lora_B.numel() for l in lora_layers(model).values())
+    created = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in lora_layers(model).values())
     assert created == lora_param_count(model, TARGET_SETS["q,k,v,o,ffn"], 3) == 3 * 2 * 144
     assert max_rank(model, TARGET_SETS["q,k,v,o,ffn"]) == 8
 
@@ -44,15 +45,15 @@ def test_rank_for_budget_exact_counts():
     model = Tiny()
     budget = lora_param_count(model, ["q_lin", "v_lin"], 4)  # 256: the q,v r=4 budget
     assert rank_for_budget(model, ["q_lin", "v_lin"], budget) == 4
-    assert rank_for_budget(model, ["q_lin"], budget) == 8          # half the matrices, twice the rank
+    assert rank_for_budget(model, ["q_lin"], budget) == 8  # half the matrices, twice the rank
     assert rank_for_budget(model, TARGET_SETS["q,k,v,o"], budget) == 2
     # 288 per rank with the FFN: 256 / 288 = 0.89 -> r = 1 (288 params, one step of 288 away at most)
     r = rank_for_budget(model, TARGET_SETS["q,k,v,o,ffn"], budget)
     assert r == 1 and abs(lora_param_count(model, TARGET_SETS["q,k,v,o,ffn"], r) - budget) <= 288 / 2
     # nearest, halves rounded up: q alone costs 2 x 16 = 32 per rank; 48 / 32 = 1.5 -> 2, 47 / 32 -> 1
     assert rank_for_budget(model, ["q_lin"], 48) == 2 and rank_for_budget(model, ["q_lin"], 47) == 1
-    assert rank_for_budget(model, ["q_lin"], 1) == 1                # never below 1
-    assert rank_for_budget(model, ["q_lin"], 10**6) == 8             # never above min(d_in, d_out)
+    assert rank_for_budget(model, ["q_lin"], 1) == 1  # never below 1
+    assert rank_for_budget(model, ["q_lin"], 10**6) == 8  # never above min(d_in, d_out)
     with pytest.raises(ValueError):
         rank_for_budget(model, ["q_lin"], 0)
     with pytest.raises(ValueError):
@@ -72,14 +73,24 @@ def test_study_profile_scales_from_the_profile():
     assert (study_gpu.n_train, study_gpu.n_test) == (12_000, 10_000)
     assert (study_gpu.max_length, study_gpu.epochs) == (256, 1)
     # nothing else changed but the two settings every study shares: dropout off (PiSSA), one validation pass
-    assert study_gpu.replace(n_train=gpu.n_train, n_test=gpu.n_test, max_length=gpu.max_length, epochs=gpu.epochs,
-                             lora_dropout=gpu.lora_dropout, eval_every=gpu.eval_every) == gpu
+    assert (
+        study_gpu.replace(
+            n_train=gpu.n_train,
+            n_test=gpu.n_test,
+            max_length=gpu.max_length,
+            epochs=gpu.epochs,
+            lora_dropout=gpu.lora_dropout,
+            eval_every=gpu.eval_every,
+        )
+        == gpu
+    )
     assert (study_gpu.lora_dropout, study_gpu.eval_every, study_profile(smoke).lora_dropout) == (0.0, None, 0.0)
     assert study_profile(smoke).lr_lora == smoke.lr_lora  # the rate tuned on validation (notebook 04's sweep)
     assert study_profile(smoke, n_train=10).n_train == 10
 
 
 # ------------------------------------------------------------------ PiSSA-like init
+
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_pissa_init_keeps_outputs_and_puts_the_principal_part_in_B_A(use_rslora):
@@ -90,7 +101,7 @@ def test_pissa_init_keeps_outputs_and_puts_the_principal_part_in_B_A(use_rslora)
     layer = LoRALinear(base, r=3, lora_alpha=6, use_rslora=use_rslora).eval()
     before = layer(x)
     assert pissa_init_(layer) is layer
-    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-12)         # the model is unchanged
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-12)  # the model is unchanged
     # independent reference: numpy's SVD
     U, S, Vh = (torch.from_numpy(a) for a in __import__("numpy").linalg.svd(W.numpy(), full_matrices=False))
     principal = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]

@@ -3,6 +3,7 @@
 Small on purpose: the offline stand-in backbone, a few dozen IMDb reviews of at
 most 32 tokens, a handful of optimiser steps.
 """
+
 import math
 import types
 
@@ -11,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_helpers import (PROFILES, count_parameters, get_profile, load_adapter, lora_layers, save_adapter,
-                          set_seed)
+from lora_helpers import PROFILES, count_parameters, get_profile, load_adapter, lora_layers, save_adapter, set_seed
 from lora_helpers.backbone import load_backbone
 from lora_helpers.data import load_imdb
 from lora_helpers.loop import encode, evaluate, make_batches, predict, train
@@ -55,6 +55,7 @@ def head_params(model):
 
 # ------------------------------------------------------------------ batching
 
+
 def test_make_batches_pads_each_batch_to_its_longest_row():
     ids, labels = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15]], [0, 1, 0, 1, 1]
     batches = make_batches(ids, labels, batch_size=2, pad_id=0)
@@ -93,6 +94,7 @@ def test_encode_truncates(imdb):
 
 # ------------------------------------------------------------------ evaluate
 
+
 class Stub(nn.Module):
     """Predicts ``input_ids[:, 0] % 2`` with logit margin 2: a model whose accuracy we can work out by hand."""
 
@@ -112,13 +114,13 @@ def test_evaluate_against_a_hand_computed_case():
     assert out["n"] == 5
     assert out["accuracy"] == pytest.approx(3 / 5)
     # rows: true label, columns: prediction
-    assert out["confusion"] == [[1, 1],
-                                [1, 2]]
+    assert out["confusion"] == [[1, 1], [1, 2]]
     right, wrong = math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))  # cross-entropy with margin 2
     assert out["loss"] == pytest.approx((3 * right + 2 * wrong) / 5, rel=1e-6)  # per review, not per batch
 
 
 # ------------------------------------------------------------------ the training loop
+
 
 def test_train_lowers_the_loss_and_moves_only_trainable_weights(imdb):
     set_seed(0, num_threads=None)
@@ -148,7 +150,7 @@ def test_train_evaluates_every_few_steps_and_at_the_end():
     result = train(model, batches, batches[:2], lr=1e-2, epochs=2, eval_every=3, device="cpu")
     assert [e["step"] for e in result.evals] == [3, 6, 8]  # every 3 steps, and after the last (8)
     result = train(model, batches, batches[:2], lr=1e-2, epochs=2, device="cpu")
-    assert [e["step"] for e in result.evals] == [4, 8]     # without eval_every: after each epoch
+    assert [e["step"] for e in result.evals] == [4, 8]  # without eval_every: after each epoch
     assert result.evals[-1]["predictions"] and len(result.evals[-1]["predictions"]) == 2
 
 
@@ -193,6 +195,7 @@ def test_train_refuses_a_model_with_nothing_trainable():
 
 # ------------------------------------------------------------------ methods
 
+
 def test_prepare_method_trainable_counts():
     for method in METHODS:
         set_seed(0, num_threads=None)
@@ -236,10 +239,16 @@ def test_method_specs_refuse_what_cannot_run():
 
 # ------------------------------------------------------------------ predict
 
+
 def test_predict_output_format():
     model, tokenizer = backbone()
-    out = predict(model, tokenizer, ["A wonderful film.", "Dull and far too long, I left early."],
-                  max_length=MAX_LENGTH, device="cpu")
+    out = predict(
+        model,
+        tokenizer,
+        ["A wonderful film.", "Dull and far too long, I left early."],
+        max_length=MAX_LENGTH,
+        device="cpu",
+    )
     assert len(out) == 2
     for row in out:
         assert set(row) == {"label", "sentiment", "p_positive"}
@@ -249,6 +258,7 @@ def test_predict_output_format():
 
 
 # ------------------------------------------------------------------ adapters on the real classifier
+
 
 def test_adapter_round_trip_on_the_distilbert_classifier(tmp_path, imdb):
     set_seed(0, num_threads=None)
@@ -262,8 +272,9 @@ def test_adapter_round_trip_on_the_distilbert_classifier(tmp_path, imdb):
 
     fresh, _ = backbone(seed=1)  # another head: it must come from the adapter
     load_adapter(fresh, tmp_path / "adapter")
-    batch = make_batches(encode(imdb["test"]["text"][:4], tokenizer, MAX_LENGTH), [0, 1, 0, 1], 4,
-                         tokenizer.pad_token_id)[0]
+    batch = make_batches(
+        encode(imdb["test"]["text"][:4], tokenizer, MAX_LENGTH), [0, 1, 0, 1], 4, tokenizer.pad_token_id
+    )[0]
     batch = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         expected, got = model.eval()(**batch).logits, fresh.eval()(**batch).logits
@@ -272,6 +283,7 @@ def test_adapter_round_trip_on_the_distilbert_classifier(tmp_path, imdb):
 
 
 # ------------------------------------------------------------------ profiles
+
 
 def test_get_profile_env_overrides_and_errors(monkeypatch):
     monkeypatch.setenv("LORA_PROFILE", "cpu")
@@ -296,6 +308,7 @@ def test_get_profile_env_overrides_and_errors(monkeypatch):
 
 # ------------------------------------------------------------------ robustness (issue 14)
 
+
 def test_predict_takes_one_string_as_one_review():
     model, tokenizer = backbone()
     text = "A wonderful film."
@@ -314,7 +327,9 @@ def test_predict_of_no_texts_is_no_predictions_and_a_non_string_is_refused():
 @pytest.mark.parametrize("max_length", [0, 1, 2, 8.0])
 def test_a_max_length_without_room_for_the_review_is_refused(max_length):
     model, tokenizer = backbone()
-    with pytest.raises(ValueError, match=rf"max_length must be a whole number >= 3, got {max_length!r}: .*adds 2 special"):
+    with pytest.raises(
+        ValueError, match=rf"max_length must be a whole number >= 3, got {max_length!r}: .*adds 2 special"
+    ):
         encode(["a long review " * 50], tokenizer, max_length)
     with pytest.raises(ValueError, match=r"max_length must be a whole number >= 3"):
         predict(model, tokenizer, ["a long review " * 50], max_length=max_length, device="cpu")

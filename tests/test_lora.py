@@ -1,4 +1,5 @@
 """Tests of lora_helpers.lora against independent references: the formula written out by hand, and PEFT."""
+
 import copy
 import math
 
@@ -7,8 +8,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_helpers import (LoRALinear, apply_lora, count_parameters, freeze_all_except, lora_layers,
-                          mark_only_lora_trainable, merge_and_unload, merge_lora, unmerge_lora)
+from lora_helpers import (
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    freeze_all_except,
+    lora_layers,
+    mark_only_lora_trainable,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
 
 
 def make_layer(d_in=5, d_out=4, r=2, lora_alpha=4, dtype=torch.float64, seed=0, random_B=True, **kwargs):
@@ -57,9 +67,11 @@ def make_net(seed=0, d=8):
 
 def snapshot(model):
     """Everything a failed call must leave as it was: module types, tensors and requires_grad flags."""
-    return ({n: type(m) for n, m in model.named_modules()},
-            {k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
+    return (
+        {n: type(m) for n, m in model.named_modules()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
 
 
 def assert_same(before, after):
@@ -70,6 +82,7 @@ def assert_same(before, after):
 
 
 # ------------------------------------------------------------------ LoRALinear forward
+
 
 def test_forward_equals_formula_by_hand():
     layer = make_layer(r=2, lora_alpha=4)
@@ -142,6 +155,7 @@ def test_params_follow_base_dtype_and_device(dtype):
 
 # ------------------------------------------------------------------ merge / unmerge
 
+
 def test_delta_weight_is_scaling_B_A():
     layer = make_layer(r=2, lora_alpha=6)
     torch.testing.assert_close(layer.delta_weight(), 3.0 * layer.lora_B @ layer.lora_A, rtol=0, atol=1e-12)
@@ -206,6 +220,7 @@ def test_merge_lora_and_unmerge_lora_on_a_model():
 
 # ------------------------------------------------------------------ gradients
 
+
 def test_only_lora_matrices_get_gradients():
     layer = make_layer()
     layer(torch.randn(3, 5, dtype=torch.float64)).sum().backward()
@@ -228,6 +243,7 @@ def test_at_init_grad_A_is_zero_and_grad_B_is_s_g_Ax():
 
 # ------------------------------------------------------------------ apply_lora
 
+
 def test_apply_lora_matches_on_dot_boundary_and_returns_names():
     net = make_net()
     x = torch.randn(4, 8)
@@ -245,9 +261,11 @@ def test_apply_lora_several_targets_and_full_names():
 
 
 def test_apply_lora_checks_everything_before_changing_anything():
-    for targets, r, error in [(["q", "nope"], 2, ValueError),   # second target matches nothing
-                              (["q", "norm"], 2, TypeError),    # second target is not a Linear
-                              (["q", "head"], 4, ValueError)]:  # r=4 fits q (8x8) but not head (8->3)
+    for targets, r, error in [
+        (["q", "nope"], 2, ValueError),  # second target matches nothing
+        (["q", "norm"], 2, TypeError),  # second target is not a Linear
+        (["q", "head"], 4, ValueError),
+    ]:  # r=4 fits q (8x8) but not head (8->3)
         net = make_net()
         before = snapshot(net)
         with pytest.raises(error):
@@ -283,16 +301,19 @@ def test_apply_lora_empty_targets():
         apply_lora(make_net(), [])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(r=0), r"r must be an int in .* = \[1, 8\]"),
-    (dict(r=9), r"r must be an int in .* = \[1, 8\]"),
-    (dict(r=2.0), r"r must be an int"),
-    (dict(r=True), r"r must be an int"),
-    (dict(lora_alpha=0), r"lora_alpha must be > 0"),
-    (dict(lora_alpha=-1.0), r"lora_alpha must be > 0"),
-    (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
-    (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r=0), r"r must be an int in .* = \[1, 8\]"),
+        (dict(r=9), r"r must be an int in .* = \[1, 8\]"),
+        (dict(r=2.0), r"r must be an int"),
+        (dict(r=True), r"r must be an int"),
+        (dict(lora_alpha=0), r"lora_alpha must be > 0"),
+        (dict(lora_alpha=-1.0), r"lora_alpha must be > 0"),
+        (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
+        (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
+    ],
+)
 def test_bad_arguments_say_what_is_valid(kwargs, match):
     net = make_net()
     before = snapshot(net)
@@ -310,13 +331,13 @@ def test_lora_linear_wraps_only_linear():
 
 # ------------------------------------------------------------------ freezing and counting
 
+
 def test_mark_only_lora_trainable_with_extra_module():
     net = make_net()
     apply_lora(net, ["q", "v"], r=2)
     mark_only_lora_trainable(net, extra_trainable=["head"])
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {"attn.q.lora_A", "attn.q.lora_B", "attn.v.lora_A", "attn.v.lora_B",
-                         "head.weight", "head.bias"}
+    assert trainable == {"attn.q.lora_A", "attn.q.lora_B", "attn.v.lora_A", "attn.v.lora_B", "head.weight", "head.bias"}
 
 
 def test_mark_only_lora_trainable_unknown_extra_leaves_model_unchanged():
@@ -336,8 +357,12 @@ def test_mark_only_lora_trainable_without_lora_layers():
 def test_freeze_all_except_returns_unfrozen_names():
     net = make_net()
     assert freeze_all_except(net, ["ffn", "norm"]) == ["ffn", "norm"]
-    assert {n for n, p in net.named_parameters() if p.requires_grad} == {"ffn.weight", "ffn.bias",
-                                                                           "norm.weight", "norm.bias"}
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {
+        "ffn.weight",
+        "ffn.bias",
+        "norm.weight",
+        "norm.bias",
+    }
 
 
 def test_count_parameters_against_hand_count():
@@ -361,6 +386,7 @@ def test_count_parameters_counts_shared_tensors_once():
 
 # ------------------------------------------------------------------ merge_and_unload
 
+
 def test_merge_and_unload_gives_plain_linear_and_same_outputs():
     net = make_net()
     apply_lora(net, ["q", "v", "head"], r=2)
@@ -378,13 +404,16 @@ def test_merge_and_unload_gives_plain_linear_and_same_outputs():
 
 # ------------------------------------------------------------------ PEFT as the reference
 
+
 def peft_pair(use_rslora, r=4, lora_alpha=4, seed=0):
     """Our LoRA model and a PEFT LoRA model with the same base, the same settings and the same A, B."""
     from peft import LoraConfig, get_peft_model
 
     ours = make_net(seed)
-    peft_model = get_peft_model(copy.deepcopy(ours), LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q", "v"],
-                                                                lora_dropout=0.0, use_rslora=use_rslora))
+    peft_model = get_peft_model(
+        copy.deepcopy(ours),
+        LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q", "v"], lora_dropout=0.0, use_rslora=use_rslora),
+    )
     apply_lora(ours, ["q", "v"], r=r, lora_alpha=lora_alpha, use_rslora=use_rslora)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
@@ -400,13 +429,16 @@ def peft_pair(use_rslora, r=4, lora_alpha=4, seed=0):
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_same_outputs_as_peft(use_rslora):
     ours, peft_model = peft_pair(use_rslora)
-    wrapped_by_peft = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
-                       if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    wrapped_by_peft = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+    }
     assert wrapped_by_peft == set(lora_layers(ours)) == {"attn.q", "attn.v"}
     x = torch.randn(16, 8)
     with torch.no_grad():
         assert (ours(x) - make_net(0)(x)).abs().max() > 1e-3  # the adapters do change the output...
-        assert (ours(x) - peft_model(x)).abs().max() < 1e-6   # ...in the same way in both libraries
+        assert (ours(x) - peft_model(x)).abs().max() < 1e-6  # ...in the same way in both libraries
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -415,12 +447,14 @@ def test_same_merged_weights_as_peft(use_rslora):
     theirs = peft_model.merge_and_unload()
     merged = merge_and_unload(ours)
     for name in ["attn.q", "attn.v", "attn.xq", "ffn", "head"]:
-        torch.testing.assert_close(merged.get_submodule(name).weight, theirs.get_submodule(name).weight,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            merged.get_submodule(name).weight, theirs.get_submodule(name).weight, rtol=0, atol=1e-6
+        )
 
 
 # ------------------------------------------------------------------ robustness (issue 14)
 # state_dict round trips with the merged flag, shared layers, meta tensors, argument types
+
 
 def lora_net(seed=0, merged=False):
     """make_net(seed) with LoRA (r=2, alpha=4) on q and v, B random as if trained."""
@@ -468,16 +502,20 @@ def test_loading_only_A_and_B_into_a_merged_model_swaps_the_update_exactly():
     target.load_state_dict(factors, strict=False)
     for name, layer in lora_layers(target).items():  # still merged, now with the new update
         assert layer.merged
-        torch.testing.assert_close(layer.base.weight, W0[name] + lora_layers(source)[name].delta_weight().detach(),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            layer.base.weight, W0[name] + lora_layers(source)[name].delta_weight().detach(), rtol=0, atol=1e-6
+        )
     unmerge_lora(target)
     for name, layer in lora_layers(target).items():
         torch.testing.assert_close(layer.base.weight, W0[name], rtol=0, atol=1e-6)
 
 
 def test_a_merged_base_weight_without_its_factors_is_refused():
-    state = {k: v for k, v in lora_net(merged=True).state_dict().items() if k.startswith("attn.q.")
-             and not k.endswith(".lora_B")}
+    state = {
+        k: v
+        for k, v in lora_net(merged=True).state_dict().items()
+        if k.startswith("attn.q.") and not k.endswith(".lora_B")
+    }
     layer = lora_net().attn.q
     with pytest.raises(RuntimeError, match="merged base.weight .* without its lora_A and lora_B"):
         layer.load_state_dict({k.removeprefix("attn.q."): v for k, v in state.items()}, strict=False)
@@ -513,13 +551,16 @@ def test_numpy_numbers_are_accepted_as_plain_python_numbers():
     assert type(LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=np.int64(16)).lora_alpha) is int
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(lora_alpha="16"), TypeError, "lora_alpha must be > 0, a number .* str '16': write it without quotes"),
-    (dict(lora_alpha=None), TypeError, "lora_alpha must be > 0, a number"),
-    (dict(lora_dropout="0.1"), ValueError, r"lora_dropout must be in \[0, 1\), a number, got '0.1'"),
-    (dict(target_modules=None), TypeError, r"target_modules must be a module name or a list of names .* got None"),
-    (dict(target_modules=["q", 3]), TypeError, r"target_modules must hold module names \(str\), got \[3\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(lora_alpha="16"), TypeError, "lora_alpha must be > 0, a number .* str '16': write it without quotes"),
+        (dict(lora_alpha=None), TypeError, "lora_alpha must be > 0, a number"),
+        (dict(lora_dropout="0.1"), ValueError, r"lora_dropout must be in \[0, 1\), a number, got '0.1'"),
+        (dict(target_modules=None), TypeError, r"target_modules must be a module name or a list of names .* got None"),
+        (dict(target_modules=["q", 3]), TypeError, r"target_modules must hold module names \(str\), got \[3\]"),
+    ],
+)
 def test_wrong_types_fail_early_and_clearly(kwargs, error, match):
     net = make_net()
     before = snapshot(net)

@@ -1,17 +1,16 @@
 """lora_helpers.memory: the formula against hand arithmetic, the measurement against hand-counted tensors."""
+
 import pytest
 import torch
 import torch.nn as nn
 
 from lora_helpers import apply_lora, count_parameters, mark_only_lora_trainable
-from lora_helpers.memory import (PAPER_MODELS, GiB, lora_trainable_params, measure_training_memory,
-                                 paper_scaling_table, training_memory_formula)
+from lora_helpers.memory import PAPER_MODELS, GiB, measure_training_memory, paper_scaling_table, training_memory_formula
 
 
 def test_formula_fp32_adamw_by_hand():
     # 1,000 parameters, 10 trainable, fp32: weights 4,000 B; gradients 40 B; AdamW m and v 2 x 40 B
-    assert training_memory_formula(1000, 10) == {"weights": 4000, "gradients": 40, "optimizer_state": 80,
-                                                 "total": 4120}
+    assert training_memory_formula(1000, 10) == {"weights": 4000, "gradients": 40, "optimizer_state": 80, "total": 4120}
 
 
 def test_formula_optimizers_and_precisions():
@@ -26,11 +25,11 @@ def test_formula_optimizers_and_precisions():
         training_memory_formula(10, 11)
 
 
-def test_lora_trainable_params_known_counts():
+def test_lora_parameter_counts_of_the_paper_models():
     # PEFT's well-known print for LLaMA-2-7B with r=8 on q_proj, v_proj: 4,194,304 trainable
-    assert lora_trainable_params(32, 4096, r=8) == 4_194_304
+    assert PAPER_MODELS["7b"].lora_params(8) == 4_194_304
     # DistilBERT, r=8 on q_lin, v_lin: 6 layers x 2 x 8 x (768 + 768), plus the 592,130-parameter head
-    assert lora_trainable_params(6, 768, r=8, head_params=PAPER_MODELS["distilbert"].head_params) == 147_456 + 592_130
+    assert PAPER_MODELS["distilbert"].lora_params(8) == 147_456 + 592_130
 
 
 def test_paper_table_7b():
@@ -110,10 +109,12 @@ def test_measurement_refuses_bad_input():
 
 # ------------------------------------------------------------------ notebook 07: what fits
 
+
 def test_activation_estimate_is_korthikanti_eq1_for_a_gpt_block():
     """With their assumptions (16-bit values, 1-byte masks, 4h GELU MLP, LayerNorm, dropout, eager attention) one
     block keeps s b h (34 + 5 a s / h) bytes: Korthikanti et al. 2022, Eq. 1."""
     from lora_helpers.memory import PaperModel, activation_bytes
+
     gpt = PaperModel("GPT block", 0, 1, 4096, n_heads=32, d_ff=4 * 4096, vocab_size=0, mlp="gelu", norm="layernorm")
     s, b, h, a = 2048, 1, 4096, 32
     got = activation_bytes(gpt, s, b, attention="eager", dropout=True)["blocks"]
@@ -134,17 +135,28 @@ def test_activation_estimate_matches_the_measurement_on_distilbert(checkpointing
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     from lora_helpers.memory import activation_bytes, enable_activation_checkpointing, paper_model_from_config
+
     torch.manual_seed(0)
-    config = DistilBertConfig(vocab_size=500, dim=64, hidden_dim=256, n_layers=3, n_heads=4,
-                              max_position_embeddings=64)
+    config = DistilBertConfig(vocab_size=500, dim=64, hidden_dim=256, n_layers=3, n_heads=4, max_position_embeddings=64)
     model = DistilBertForSequenceClassification(config)
     if checkpointing:
         enable_activation_checkpointing(model)
-    batch = {"input_ids": torch.randint(0, 500, (4, 48)), "attention_mask": torch.ones(4, 48, dtype=torch.long),
-             "labels": torch.tensor([0, 1, 0, 1])}
+    batch = {
+        "input_ids": torch.randint(0, 500, (4, 48)),
+        "attention_mask": torch.ones(4, 48, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
     measured = _saved_by_hand(model, batch)
-    est = activation_bytes(paper_model_from_config(config), 48, 4, bytes_per_value=4, attention="eager",
-                           dropout=True, mask_bytes=4, checkpointing=checkpointing)
+    est = activation_bytes(
+        paper_model_from_config(config),
+        48,
+        4,
+        bytes_per_value=4,
+        attention="eager",
+        dropout=True,
+        mask_bytes=4,
+        checkpointing=checkpointing,
+    )
     assert abs(est["kept"] - measured) < 0.02 * measured, (est, measured)
 
 
@@ -154,9 +166,17 @@ def test_activation_estimate_matches_the_measurement_on_a_llama_with_its_logits(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_helpers.memory import activation_bytes, paper_model_from_config
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 4096, (2, 64))
     measured = _saved_by_hand(model, {"input_ids": ids, "labels": ids})
@@ -168,11 +188,39 @@ def test_activation_estimate_matches_the_measurement_on_a_llama_with_its_logits(
     assert est["kept"] - est["logits"] < 0.7 * measured
 
 
+def test_activation_estimate_matches_a_bf16_llama():
+    """In bf16 Hugging Face's RMSNorm keeps an fp32 copy of its input: the estimate counts 4 + 2 bytes per value for
+    each norm, and stays within 3% of the measurement."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_helpers.memory import activation_bytes, paper_model_from_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    ids = torch.randint(0, 1024, (2, 64))
+    measured = _saved_by_hand(model, {"input_ids": ids, "labels": ids})
+    layout = paper_model_from_config(config)
+    est = activation_bytes(layout, 64, 2, bytes_per_value=2)
+    assert abs(est["kept"] - measured) < 0.03 * measured, (est, measured)
+
+
 def test_fits_table_reproduces_the_qlora_headline():
     """QLoRA's abstract: a 65B model fine-tuned on one 48 GB GPU; 16-bit fine-tuning of it needs > 780 GB."""
     from lora_helpers.memory import PAPER_MODELS, QLORA_BITS, fits_table
+
     # the paper's 780 GB: 16-bit weights and gradients, fp32 Adam moments, no master copy = 12 bytes per parameter
-    sixteen_bit = training_memory_formula(65_000_000_000, 65_000_000_000, bytes_per_param=2, grad_bytes=2, state_bytes=4)
+    sixteen_bit = training_memory_formula(
+        65_000_000_000, 65_000_000_000, bytes_per_param=2, grad_bytes=2, state_bytes=4
+    )
     assert sixteen_bit["total"] == 780_000_000_000
     # a 65B base at QLoRA's 4.127 bits fits 48 GB with room for LoRA's states and activations
     assert 65e9 * QLORA_BITS / 8 < 0.75 * 48e9
@@ -191,6 +239,7 @@ def test_fits_table_reproduces_the_qlora_headline():
 def test_weight_bytes_counts_buffers_too():
     from lora_helpers.memory import weight_bytes
     from lora_helpers.quant import NF4Linear
+
     lin = nn.Linear(128, 64)
     assert weight_bytes(lin) == (128 * 64 + 64) * 4
     q = NF4Linear.from_linear(lin)
@@ -205,17 +254,29 @@ def test_activation_checkpointing_keeps_fewer_activations_and_lora_still_trains(
 
     def lora_model(checkpointing):
         torch.manual_seed(0)
-        model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=3, n_heads=2,
-                                                                     hidden_dim=64, max_position_embeddings=64, dropout=0.0,
-                                                                     attention_dropout=0.0, seq_classif_dropout=0.0))
+        model = DistilBertForSequenceClassification(
+            DistilBertConfig(
+                vocab_size=100,
+                dim=32,
+                n_layers=3,
+                n_heads=2,
+                hidden_dim=64,
+                max_position_embeddings=64,
+                dropout=0.0,
+                attention_dropout=0.0,
+                seq_classif_dropout=0.0,
+            )
+        )
         apply_lora(model, ["q_lin", "v_lin"], r=4)
         mark_only_lora_trainable(model, extra_trainable=["pre_classifier", "classifier"])
         if checkpointing:
             enable_activation_checkpointing(model)
         return model
 
-    batch = {"input_ids": torch.randint(1, 100, (4, 48), generator=torch.Generator().manual_seed(1)),
-             "labels": torch.tensor([0, 1, 0, 1])}
+    batch = {
+        "input_ids": torch.randint(1, 100, (4, 48), generator=torch.Generator().manual_seed(1)),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
     plain, ckpt = lora_model(False), lora_model(True)
     a_plain = measure_training_memory(plain, batch)["activations"]
     a_ckpt = measure_training_memory(ckpt, batch)["activations"]

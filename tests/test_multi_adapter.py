@@ -1,16 +1,15 @@
 """Many adapters in one batch: each row must get exactly what its adapter alone gives."""
-import copy
+
 import warnings
 
 import pytest
 import torch
+from fakes import HEAD, trained_looking
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from lora_helpers import apply_lora, load_adapter, save_adapter
+from lora_helpers import apply_lora, load_adapter, merge_lora, save_adapter
 from lora_helpers.multi_adapter import MultiLinear, MultiLoRALinear, mixed_adapter_model, set_adapter_rows
 from lora_helpers.peft_interop import export_to_peft
-
-from fakes import HEAD, trained_looking
 
 CONFIG = DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=32)
 
@@ -23,11 +22,15 @@ def base_model():
 @pytest.fixture
 def three_adapters(tmp_path):
     """Three saved adapters on one base: different seeds, ranks, alphas and layers (one uses rsLoRA)."""
-    settings = {"a": dict(targets=("q_lin", "v_lin"), r=4, alpha=8, seed=1),
-                "b": dict(targets=("q_lin", "v_lin"), r=2, alpha=16, seed=2),
-                "c": dict(targets=("q_lin", "lin1"), r=8, alpha=8, rslora=True, seed=3)}
-    return {name: save_adapter(trained_looking(base_model(), **kw), tmp_path / name, extra=HEAD)
-            for name, kw in settings.items()}
+    settings = {
+        "a": dict(targets=("q_lin", "v_lin"), r=4, alpha=8, seed=1),
+        "b": dict(targets=("q_lin", "v_lin"), r=2, alpha=16, seed=2),
+        "c": dict(targets=("q_lin", "lin1"), r=8, alpha=8, rslora=True, seed=3),
+    }
+    return {
+        name: save_adapter(trained_looking(base_model(), **kw), tmp_path / name, extra=HEAD)
+        for name, kw in settings.items()
+    }
 
 
 def batch(n=6, length=7, seed=0):
@@ -78,6 +81,12 @@ def test_base_rows_and_errors(three_adapters):
         fresh(**inputs)
     with pytest.raises(ValueError, match="apply_lora"):
         mixed_adapter_model(base_model(), three_adapters)
+    with pytest.raises(ValueError, match="one per row"):
+        set_adapter_rows(mixed, [0, 1, 2])  # three indices, two rows
+        mixed(**inputs)
+    merge_lora(wrapped)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        mixed_adapter_model(wrapped, three_adapters)
 
 
 def test_matches_peft_mixed_batch(three_adapters, tmp_path):
@@ -87,8 +96,10 @@ def test_matches_peft_mixed_batch(three_adapters, tmp_path):
     from peft import PeftModel
 
     if Version(peft.__version__) < Version("0.13"):
-        pytest.skip("PEFT before 0.13 gives every row of a mixed batch the active adapter's head (modules_to_save); "
-                    "fixed by huggingface/peft#1990")
+        pytest.skip(
+            "PEFT before 0.13 gives every row of a mixed batch the active adapter's head (modules_to_save); "
+            "fixed by huggingface/peft#1990"
+        )
 
     peft_dirs = {}
     for name in ("a", "b"):

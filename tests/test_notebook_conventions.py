@@ -12,6 +12,7 @@ or comments, no reads of the repository around the notebook, figures at most
 10 inches wide, and a banner (profile, data, time) in every notebook that trains.
 Also tests ``tools/set_repo_url.py`` on a copy of the files it rewrites.
 """
+
 import json
 import re
 import shutil
@@ -33,8 +34,11 @@ EDITOR_CELL_METADATA = {"colab", "id", "outputId", "executionInfo", "execution",
 CORE = ("01", "02", "03", "04")
 MAX_WORDS, MAX_CODE_LINES = 2000, 250
 # Words about the project, not the lesson: a learner needs none of them (checked in Markdown and code comments).
-PROJECT_TALK = re.compile(r"\bCI\b|nbval|NBVAL|test suite|conftest|\bpytest\b|2-core|two-core|tests stay|\bour machine|"
-                          r"output is not checked|reproducible print|profiles\.py|committed file", re.I)
+PROJECT_TALK = re.compile(
+    r"\bCI\b|nbval|NBVAL|test suite|conftest|\bpytest\b|2-core|two-core|tests stay|\bour machine|"
+    r"output is not checked|reproducible print|profiles\.py|committed file",
+    re.I,
+)
 # Paths of the repository around a notebook: absent where the package is pip-installed and a notebook opened alone.
 REPO_READS = re.compile(r"""Path\(\s*["']\.\.["']\s*\)|["']\.\./|["']results/""")
 MAX_FIGURE_INCHES = 10
@@ -58,6 +62,7 @@ def load(path: Path) -> dict:
 
 # ---------------------------------------------------------------- the checks (reused on a rewritten copy)
 
+
 def check_badge(nb: dict, name: str, repo_url: str) -> None:
     first = nb["cells"][0]
     assert first["cell_type"] == "markdown", "the first cell must be markdown: title, Colab badge, what you learn"
@@ -78,49 +83,63 @@ def check_install_cell(nb: dict, repo_url: str) -> None:
     assert "import sys" in lines, "the install cell must `import sys`"
     guard = [i for i, line in enumerate(lines) if line.strip() == 'if "google.colab" in sys.modules:']
     assert guard, 'the install cell must be guarded by `if "google.colab" in sys.modules:`'
-    pips = [line for line in lines[guard[0] + 1:] if "pip install" in line]
+    pips = [line for line in lines[guard[0] + 1 :] if "pip install" in line]
     assert pips and all(line.startswith((" ", "\t")) for line in pips), "the pip install must be inside the guard"
-    assert not any("pip install" in line for line in lines[:guard[0]]), "no install outside the guard"
-    assert any(f"git+{repo_url}" in line and line.strip().startswith("%pip") for line in pips), \
+    assert not any("pip install" in line for line in lines[: guard[0]]), "no install outside the guard"
+    assert any(f"git+{repo_url}" in line and line.strip().startswith("%pip") for line in pips), (
         f"the install cell must `%pip install` from git+{repo_url}"
+    )
     assert not cell.get("outputs"), "the install cell prints nothing outside Colab"
-    assert 'find_spec("lora_helpers")' in source(cell) and "raise SystemExit(" in source(cell), \
+    assert 'find_spec("lora_helpers")' in source(cell) and "raise SystemExit(" in source(cell), (
         "the install cell skips pip when lora_helpers is importable and stops with one clear message if it is not"
+    )
 
 
 def check_versions_cell(nb: dict) -> None:
     cell = nb["cells"][2]
     text = source(cell)
     assert cell["cell_type"] == "code" and "print_versions()" in text, "the third cell prints the versions"
-    assert "nbval-ignore-output" in cell.get("metadata", {}).get("tags", []), \
+    assert "nbval-ignore-output" in cell.get("metadata", {}).get("tags", []), (
         "the versions cell carries the cell tag nbval-ignore-output (installed versions are the reader's)"
+    )
 
 
 def check_no_nbval_comments(nb: dict) -> None:
-    """nbval directives are cell tags (nbval-ignore-output, nbval-skip ...): the learner reads the code, not CI's needs."""
+    """nbval directives are cell tags (nbval-ignore-output, nbval-skip ...): the learner reads the code."""
     marked = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "# NBVAL_" in source(c)]
     assert not marked, f"code cells {marked} carry '# NBVAL_...' comments: use the cell tags instead"
 
 
 def check_ends_with_exercises(nb: dict) -> None:
     """The last section is '## Exercises': tasks that use what the notebook built, with hints or solutions."""
-    headings = [(i, line) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "markdown"
-                for line in source(c).splitlines() if line.startswith("## ")]
+    headings = [
+        (i, line)
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "markdown"
+        for line in source(c).splitlines()
+        if line.startswith("## ")
+    ]
     assert headings, "the notebook has no sections"
     index, last = headings[-1]
     assert last.strip().lower().startswith("## exercises"), f"the last section is {last.strip()!r}, not '## Exercises'"
     text = "\n".join(source(c) for c in nb["cells"][index:])
     tasks = re.findall(r"^\s*(?:\*\*|#+\s*)?\d+\.\s", text, flags=re.M)  # "1. ", "**1. ", "### 1. "
     assert len(tasks) >= 3, f"the Exercises section has {len(tasks)} numbered tasks; give 3-5"
-    assert "<details>" in text or "solutions/" in text, "give the solutions: collapsed <details>, or a solutions notebook"
+    assert "<details>" in text or "solutions/" in text, (
+        "give the solutions: collapsed <details>, or a solutions notebook"
+    )
 
 
 def check_executed_in_order(nb: dict) -> None:
-    counts = [(i, c.get("execution_count")) for i, c in enumerate(nb["cells"])
-              if c["cell_type"] == "code" and source(c).strip()]
+    counts = [
+        (i, c.get("execution_count"))
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and source(c).strip()
+    ]
     missing = [i for i, n in counts if n is None]
-    assert not missing, (f"code cells {missing} were not executed (nbval does not compare them): "
-                         "run tools/execute_notebooks.sh")
+    assert not missing, (
+        f"code cells {missing} were not executed (nbval does not compare them): run tools/execute_notebooks.sh"
+    )
     numbers = [n for _, n in counts]
     assert numbers and numbers[0] == 1, f"execution must start at 1 in a fresh kernel, found {numbers[:1]}"
     back = [(counts[k][0], numbers[k - 1], numbers[k]) for k in range(1, len(numbers)) if numbers[k] <= numbers[k - 1]]
@@ -137,17 +156,20 @@ def check_outputs(nb: dict) -> None:
             if kind == "error":
                 assert intended, f"cell {i} saved an error: {out.get('ename')}: {out.get('evalue')}"
             if kind == "stream":
-                assert out.get("name") != "stderr", (f"cell {i} wrote to stderr (a warning or a progress bar): "
-                                                     f"{''.join(out.get('text', ''))[:200]!r}")
+                assert out.get("name") != "stderr", (
+                    f"cell {i} wrote to stderr (a warning or a progress bar): {''.join(out.get('text', ''))[:200]!r}"
+                )
             if kind in ("execute_result", "display_data"):
                 data = out.get("data", {})
                 text = "".join(data.get("text/plain", ""))
                 # a figure shown by plt.show() carries a "<Figure size ...>" text next to its image: fine.
                 # Alone, or a matplotlib object as a cell's value, it is noise.
                 assert "application/vnd.jupyter.widget-view+json" not in data, (
-                    f"cell {i} saved a widget (a progress bar?): without widget state GitHub shows an error there")
-                noise = (text.startswith("<Figure size") and not any(k.startswith("image/") for k in data)) \
-                    or text.lstrip("[").startswith("<matplotlib.")
+                    f"cell {i} saved a widget (a progress bar?): without widget state GitHub shows an error there"
+                )
+                noise = (
+                    text.startswith("<Figure size") and not any(k.startswith("image/") for k in data)
+                ) or text.lstrip("[").startswith("<matplotlib.")
                 assert not noise, f"cell {i} prints {text[:60]!r}: end plotting cells with plt.show()"
 
 
@@ -171,7 +193,8 @@ def check_length(nb: dict, name: str) -> None:
     words, lines = size(nb)
     if name[:2] in CORE:
         assert words <= MAX_WORDS and lines <= MAX_CODE_LINES, (
-            f"{name}: {words} words, {lines} code lines; a core notebook stays within {MAX_WORDS} / {MAX_CODE_LINES}")
+            f"{name}: {words} words, {lines} code lines; a core notebook stays within {MAX_WORDS} / {MAX_CODE_LINES}"
+        )
 
 
 def check_no_project_talk(nb: dict) -> None:
@@ -185,15 +208,24 @@ def check_no_project_talk(nb: dict) -> None:
 
 def check_no_repository_reads(nb: dict) -> None:
     """Where the package is pip-installed and the notebook opened alone (Colab), no repository is around it."""
-    found = [(i, m.group(0)) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
-             for m in REPO_READS.finditer(source(c))]
+    found = [
+        (i, m.group(0))
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code"
+        for m in REPO_READS.finditer(source(c))
+    ]
     assert not found, f"code reads the repository around the notebook (cell, path): {found}; use committed_run()"
 
 
 def check_figure_widths(nb: dict) -> None:
     """JupyterLab shows a figure about 10 inches wide: a wider one shrinks and its labels become unreadable."""
-    wide = [(i, float(w)) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
-            for w in re.findall(r"figsize=\(\s*([\d.]+)\s*,", source(c)) if float(w) > MAX_FIGURE_INCHES]
+    wide = [
+        (i, float(w))
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code"
+        for w in re.findall(r"figsize=\(\s*([\d.]+)\s*,", source(c))
+        if float(w) > MAX_FIGURE_INCHES
+    ]
     assert not wide, f"figures wider than {MAX_FIGURE_INCHES} inches (cell, width): {wide}"
 
 
@@ -295,7 +327,9 @@ def test_project_talk_checks_catch_examples():
         check_no_project_talk({"cells": [cell("code", "x = 1  # pinned threads for reproducible printouts")]})
     check_no_project_talk({"cells": [cell("code", 'print("CI")  # a string is not a comment')]})
     with pytest.raises(AssertionError):
-        check_no_repository_reads({"cells": [cell("code", 'json.loads((Path("..") / "results" / "x.json").read_text())')]})
+        check_no_repository_reads(
+            {"cells": [cell("code", 'json.loads((Path("..") / "results" / "x.json").read_text())')]}
+        )
     with pytest.raises(AssertionError):
         check_figure_widths({"cells": [cell("code", "fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))")]})
     with pytest.raises(AssertionError):
@@ -311,6 +345,7 @@ def test_file_size(path):
 
 # ---------------------------------------------------------------- tools/set_repo_url.py, on a copy
 
+
 def _copy_checkout(tmp_path: Path) -> Path:
     root = tmp_path / "fork"
     (root / "lora_helpers").mkdir(parents=True)
@@ -323,8 +358,12 @@ def _copy_checkout(tmp_path: Path) -> Path:
 
 
 def _set_url(root: Path, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "set_repo_url.py"), *args, "--root", str(root)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "set_repo_url.py"), *args, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return result.stdout
 
 
@@ -363,8 +402,11 @@ def test_set_repo_url_branch_and_dry_run(tmp_path):
     assert "would change" in out and nb_path.read_bytes() == original
     _set_url(root, "https://github.com/a/b", "--branch", "dev")
     assert f"colab.research.google.com/github/a/b/blob/dev/notebooks/{nb_path.name}" in nb_path.read_text()
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "set_repo_url.py"), "gitlab.com/a/b", "--root",
-                          str(root)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "set_repo_url.py"), "gitlab.com/a/b", "--root", str(root)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "expected a GitHub repository URL" in bad.stderr
 
 
@@ -386,9 +428,15 @@ def run_install_cell(code: str, importable: bool, pip_works: bool, monkeypatch) 
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (real_find_spec(name, *a) if installed["done"] else None)
-                        if name == "lora_helpers" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            (real_find_spec(name, *a) if installed["done"] else None)
+            if name == "lora_helpers"
+            else real_find_spec(name, *a)
+        ),
+    )
     exec(TransformerManager().transform_cell(code), {"get_ipython": FakeShell})
     return calls
 
@@ -397,6 +445,6 @@ def test_install_cell_on_colab_installs_once_and_stops_clearly_when_pip_fails(mo
     code = source(load(NOTEBOOKS[0])["cells"][1])
     assert run_install_cell(code, importable=True, pip_works=False, monkeypatch=monkeypatch) == []  # nothing to do
     calls = run_install_cell(code, importable=False, pip_works=True, monkeypatch=monkeypatch)
-    assert len(calls) == 1 and f"git+{REPO_URL}" in calls[0]                                       # one install
-    with pytest.raises(SystemExit, match="Replace the URL in this cell"):                          # no ModuleNotFoundError later
+    assert len(calls) == 1 and f"git+{REPO_URL}" in calls[0]  # one install
+    with pytest.raises(SystemExit, match="Replace the URL in this cell"):  # no ModuleNotFoundError later
         run_install_cell(code, importable=False, pip_works=False, monkeypatch=monkeypatch)

@@ -1,14 +1,15 @@
 """lora_helpers.peft_interop: our adapters -> PEFT -> same logits, PEFT-trained adapters -> ours -> same logits,
 and clear errors for what LoRALinear cannot represent. Runs on the offline stand-in backbone with tiny inputs."""
+
 import copy
 import json
 
 import pytest
 import torch
+from fakes import trained_looking
 from safetensors.torch import load_file, save_file
 
 from lora_helpers import apply_lora, count_parameters, lora_layers
-from fakes import trained_looking
 from lora_helpers.backbone import load_backbone
 from lora_helpers.peft_interop import CONFIG_NAME, WEIGHTS_NAME, export_to_peft, import_from_peft
 
@@ -43,6 +44,7 @@ def logits(model, inputs):
 
 # ------------------------------------------------------------------ ours -> PEFT
 
+
 def test_export_file_format(backbone, tmp_path):
     ours = trained_looking(fresh(backbone))
     export_to_peft(ours, tmp_path)
@@ -57,13 +59,15 @@ def test_export_file_format(backbone, tmp_path):
     assert tensors[f"{layer0}.q_lin.lora_A.weight"].shape == (4, 384)
     assert tensors[f"{layer0}.v_lin.lora_B.weight"].shape == (384, 4)
     assert torch.equal(tensors["base_model.model.classifier.weight"], ours.classifier.weight)
-    assert {k for k in tensors if "lora" not in k} == {f"base_model.model.{h}.{p}" for h in HEAD
-                                                       for p in ("weight", "bias")}
+    assert {k for k in tensors if "lora" not in k} == {
+        f"base_model.model.{h}.{p}" for h in HEAD for p in ("weight", "bias")
+    }
     assert len(tensors) == 6 * 2 * 2 + 4
 
 
-@pytest.mark.parametrize("targets,rslora", [(("q_lin", "v_lin"), False),
-                                            (("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"), True)])
+@pytest.mark.parametrize(
+    "targets,rslora", [(("q_lin", "v_lin"), False), (("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"), True)]
+)
 def test_ours_to_peft_same_logits(backbone, tmp_path, targets, rslora):
     ours = trained_looking(fresh(backbone), targets=targets, rslora=rslora)
     export_to_peft(ours, tmp_path)
@@ -96,12 +100,19 @@ def test_export_errors(backbone, tmp_path):
 
 # ------------------------------------------------------------------ PEFT -> ours
 
+
 @pytest.fixture(scope="module")
 def peft_trained(backbone):
     """A PEFT LoRA model trained for a few AdamW steps, so that A, B and the head all moved."""
     torch.manual_seed(0)
-    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0,
-                        target_modules=["q_lin", "v_lin"], modules_to_save=list(HEAD))
+    config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_lin", "v_lin"],
+        modules_to_save=list(HEAD),
+    )
     model = get_peft_model(copy.deepcopy(backbone[0]), config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -139,6 +150,7 @@ def test_round_trip_ours_peft_ours(backbone, tmp_path):
 
 # ------------------------------------------------------------------ what we refuse, and say so
 
+
 def _edit(tmp_path, backbone, **changes):
     """An exported adapter whose config has ``changes`` applied."""
     export_to_peft(trained_looking(fresh(backbone)), tmp_path)
@@ -148,15 +160,18 @@ def _edit(tmp_path, backbone, **changes):
     return tmp_path
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(use_dora=True), "DoRA"),
-    (dict(peft_type="IA3"), "only 'LORA'"),
-    (dict(rank_pattern={"q_lin": 8}), "rank_pattern.*per-layer"),
-    (dict(alpha_pattern={"v_lin": 32}), "alpha_pattern.*per-layer"),
-    (dict(bias="lora_only"), "bias='lora_only'"),
-    (dict(fan_in_fan_out=True), "fan_in_fan_out"),
-    (dict(target_modules=["q_lin", "query_proj"]), r"\['query_proj'\] match no module"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(use_dora=True), "DoRA"),
+        (dict(peft_type="IA3"), "only 'LORA'"),
+        (dict(rank_pattern={"q_lin": 8}), "rank_pattern.*per-layer"),
+        (dict(alpha_pattern={"v_lin": 32}), "alpha_pattern.*per-layer"),
+        (dict(bias="lora_only"), "bias='lora_only'"),
+        (dict(fan_in_fan_out=True), "fan_in_fan_out"),
+        (dict(target_modules=["q_lin", "query_proj"]), r"\['query_proj'\] match no module"),
+    ],
+)
 def test_unsupported_configs_raise(backbone, tmp_path, changes, message):
     path = _edit(tmp_path, backbone, **changes)
     model = fresh(backbone)
@@ -168,8 +183,9 @@ def test_unsupported_configs_raise(backbone, tmp_path, changes, message):
 
 
 def test_dora_peft_model_raises(backbone):
-    dora = get_peft_model(copy.deepcopy(backbone[0]),
-                          LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_lin"], use_dora=True))
+    dora = get_peft_model(
+        copy.deepcopy(backbone[0]), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_lin"], use_dora=True)
+    )
     with pytest.raises(ValueError, match="use_dora=True: DoRA"):
         import_from_peft(fresh(backbone), dora)
 
@@ -180,8 +196,11 @@ def test_tensors_for_missing_layers_raise(backbone, tmp_path):
     key = "base_model.model.distilbert.transformer.layer.0.attention.q_lin.lora_A.weight"
     tensors[key.replace("layer.0.", "layer.9.")] = tensors[key].clone()
     save_file(tensors, str(path / WEIGHTS_NAME))
-    with pytest.raises(ValueError, match=r"do not exist in DistilBertForSequenceClassification: "
-                                         r"\['distilbert.transformer.layer.9.attention.q_lin'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not exist in DistilBertForSequenceClassification: "
+        r"\['distilbert.transformer.layer.9.attention.q_lin'\]",
+    ):
         import_from_peft(fresh(backbone), path)
 
 
@@ -194,6 +213,7 @@ def test_import_refuses_a_model_with_lora(backbone, tmp_path):
 
 
 # ------------------------------------------------------------------ robustness (issue 14)
+
 
 def test_export_into_a_folder_with_an_older_pickle_adapter_leaves_no_stale_file(backbone, tmp_path):
     old = get_peft_model(fresh(backbone), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["k_lin"]))
@@ -217,7 +237,7 @@ def test_export_that_fails_leaves_the_previous_adapter(backbone, tmp_path, monke
 
 
 def test_export_refuses_pissa_initialised_layers(backbone, tmp_path):
-    from lora_helpers.experiments import pissa_init_
+    from lora_helpers.lora import pissa_init_
 
     model = trained_looking(fresh(backbone))
     pissa_init_(model.get_submodule("distilbert.transformer.layer.0.attention.q_lin"))
@@ -249,7 +269,10 @@ def test_import_of_a_config_without_r_names_the_file(backbone, tmp_path):
     del config["r"]
     (path / CONFIG_NAME).write_text(json.dumps(config))
     model = fresh(backbone)
-    with pytest.raises(ValueError, match=rf"{CONFIG_NAME} is not a valid LoRA config: r must be an integer >= 1, "
-                                         "got nothing"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{CONFIG_NAME} is not a valid LoRA config: r must be an integer >= 1, "
+        "got nothing",
+    ):
         import_from_peft(model, path)
     assert not lora_layers(model)

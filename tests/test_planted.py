@@ -1,4 +1,5 @@
 """The planted-update task (lora_helpers.planted): the answer is known, so LoRA must find it."""
+
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from lora_helpers.planted import fit_lora, plant_update, regression_data
 @pytest.fixture(scope="module")
 def W():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(48, 40, generator=g, dtype=torch.float64) / 40 ** 0.5
+    return torch.randn(48, 40, generator=g, dtype=torch.float64) / 40**0.5
 
 
 def test_the_planted_update_has_the_rank_directions_and_amplification_asked_for(W):
@@ -22,8 +23,9 @@ def test_the_planted_update_has_the_rank_directions_and_amplification_asked_for(
     assert torch.allclose(torch.linalg.svdvals(W)[[20, 25, 30]], p.s_in_W)
 
 
-@pytest.mark.parametrize("bad", [dict(directions=()), dict(directions=(1, 1)), dict(directions=(40,)),
-                                 dict(factor=0.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(directions=()), dict(directions=(1, 1)), dict(directions=(40,)), dict(factor=0.0)]
+)
 def test_bad_plants_are_refused(W, bad):
     with pytest.raises(ValueError):
         plant_update(W, **bad)
@@ -32,7 +34,7 @@ def test_bad_plants_are_refused(W, bad):
 def test_lora_recovers_the_planted_rank_subspace_and_factor(W):
     p = plant_update(W, directions=(20, 25, 30), factor=15.0)
     X, Y = regression_data(W, p.dW, n=2048, noise=0.05, seed=0)
-    floor = 0.05 ** 2
+    floor = 0.05**2
     mse = {}
     for r in (1, 2, 3, 6):
         dW, mse[r] = fit_lora(W, X, Y, r, seed=0, steps=400, lr=1e-2)

@@ -5,6 +5,7 @@ a Colab T4 has compute capability (7, 5) and no bfloat16 units, yet
 ``torch.cuda.is_bf16_supported()`` answers True there (bf16 is emulated); an
 A100 is (8, 0) and an H100 (9, 0), both with bf16 units.
 """
+
 import types
 
 import pytest
@@ -18,19 +19,26 @@ from lora_helpers.loop import _autocast, _grad_scaler, choose_precision, train
 @pytest.fixture
 def gpu(monkeypatch):
     """``gpu((major, minor))`` makes torch.cuda report one CUDA device of that compute capability."""
+
     def fake(capability):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # what a T4 answers too
+
     return fake
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"),   # T4 (Colab's free GPU)
-                                                  ((7, 0), "fp16"),   # V100
-                                                  ((8, 0), "bf16"),   # A100
-                                                  ((8, 9), "bf16"),   # L4
-                                                  ((9, 0), "bf16")])  # H100 / H200
+@pytest.mark.parametrize(
+    "capability, expected",
+    [
+        ((7, 5), "fp16"),  # T4 (Colab's free GPU)
+        ((7, 0), "fp16"),  # V100
+        ((8, 0), "bf16"),  # A100
+        ((8, 9), "bf16"),  # L4
+        ((9, 0), "bf16"),
+    ],
+)  # H100 / H200
 def test_bf16_only_where_the_gpu_has_it(gpu, capability, expected):
     gpu(capability)
     assert choose_precision("cuda") == expected

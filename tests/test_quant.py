@@ -1,19 +1,44 @@
 """NF4 quantisation (notebook 07) against published constants and independent references."""
+
 import pytest
 import torch
 import torch.nn as nn
 
 from lora_helpers.lora import LoRALinear, apply_lora, mark_only_lora_trainable
-from lora_helpers.quant import (NF4Linear, bits_per_weight, dequantize_blockwise, double_dequantize, double_quantize,
-                                int4_code_book, nf4_code_book, pack_4bit, quantize_blockwise, quantize_model,
-                                unpack_4bit)
+from lora_helpers.quant import (
+    NF4Linear,
+    bits_per_weight,
+    dequantize_blockwise,
+    double_dequantize,
+    double_quantize,
+    int4_code_book,
+    nf4_code_book,
+    pack_4bit,
+    quantize_blockwise,
+    quantize_model,
+    unpack_4bit,
+)
 
 # The NF4 data type as published: QLoRA (Dettmers et al. 2023, arXiv 2305.14314), Appendix E, and
 # bitsandbytes' functional.py (get_4bit_type("nf4")), typed in by hand.
-PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                 0.7229568362236023, 1.0]
+PUBLISHED_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 def test_code_book_matches_the_published_nf4_values():
@@ -36,13 +61,12 @@ def test_round_trip_error_is_within_half_the_widest_gap_of_each_block():
     codes, absmax = quantize_blockwise(W)
     back = dequantize_blockwise(codes, absmax, W.shape)
     half_gap = float((torch.tensor(PUBLISHED_NF4).diff().max()) / 2)
-    bound = (absmax[:, None].expand(-1, 64).reshape(-1)[:W.numel()] * half_gap).view_as(W)
+    bound = (absmax[:, None].expand(-1, 64).reshape(-1)[: W.numel()] * half_gap).view_as(W)
     assert ((back - W).abs() <= bound + 1e-7).all()
     # each block's largest magnitude is a code (+-1 x absmax), so it comes back exactly
     blocks_in, blocks_out = W.reshape(-1, 64), back.reshape(-1, 64)
     idx = blocks_in.abs().argmax(1)
-    torch.testing.assert_close(blocks_out.gather(1, idx[:, None]), blocks_in.gather(1, idx[:, None]),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(blocks_out.gather(1, idx[:, None]), blocks_in.gather(1, idx[:, None]), rtol=1e-6, atol=0)
 
 
 def test_values_on_the_grid_come_back_exactly_and_zero_is_a_code():
@@ -78,7 +102,7 @@ def test_packing_is_exact_and_two_codes_share_a_byte():
 
 
 def test_bits_per_weight_match_the_qlora_paper():
-    assert bits_per_weight() == 4.5                          # 32/64 = 0.5 bits of constants
+    assert bits_per_weight() == 4.5  # 32/64 = 0.5 bits of constants
     assert bits_per_weight(double_quant=True) == pytest.approx(4.127, abs=5e-4)  # the paper's 0.127
 
 
@@ -102,7 +126,7 @@ def _brute_force_nf4(W, block_size=64):
     flat = torch.nn.functional.pad(W.detach().reshape(-1), (0, (-W.numel()) % block_size)).view(-1, block_size)
     absmax = flat.abs().amax(1, keepdim=True)
     nearest = (flat[..., None] / absmax[..., None] - torch.tensor(PUBLISHED_NF4)).abs().argmin(-1)
-    return (torch.tensor(PUBLISHED_NF4)[nearest] * absmax).reshape(-1)[:W.numel()].view_as(W)
+    return (torch.tensor(PUBLISHED_NF4)[nearest] * absmax).reshape(-1)[: W.numel()].view_as(W)
 
 
 def test_nf4_linear_computes_with_the_dequantised_weight_and_stores_half_a_byte_per_weight():
@@ -180,7 +204,7 @@ def test_quantize_model_then_apply_lora_and_state_dict_round_trip():
 
 def test_a_shape_that_does_not_fill_whole_blocks_round_trips_and_reloads():
     torch.manual_seed(7)
-    lin = nn.Linear(37, 5)                      # 185 weights: 3 blocks of 64, the last one padded
+    lin = nn.Linear(37, 5)  # 185 weights: 3 blocks of 64, the last one padded
     q = NF4Linear.from_linear(lin)
     assert q.absmax.numel() == 3 and q.packed.numel() == 96
     torch.testing.assert_close(q.dequantized_weight(), _brute_force_nf4(lin.weight))
@@ -200,7 +224,7 @@ def test_dtype_casts_keep_codes_and_scales_exact_and_bad_block_sizes_are_refused
     assert q.absmax.dtype == torch.float32 and q.code_book.dtype == torch.float32 and q.packed.dtype == torch.uint8
     assert torch.equal(q.absmax, absmax) and torch.equal(q.packed, packed) and q.bias.dtype == torch.float16
     bias = q.float().bias.clone()
-    q.reset_parameters()                        # a quantised pretrained layer is never re-initialised
+    q.reset_parameters()  # a quantised pretrained layer is never re-initialised
     assert torch.equal(q.bias, bias)
     for bad in (0, 63):
         with pytest.raises(ValueError, match="even"):

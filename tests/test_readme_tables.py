@@ -1,4 +1,5 @@
 """The README's result tables are written from the committed runs (tools/readme_tables.py), never by hand."""
+
 import importlib.util
 from pathlib import Path
 

@@ -3,7 +3,6 @@
 The runs use a 2-layer, 16-wide DistilBERT with random weights on a synthetic task
 (the label is whether token 7 occurs), so that each takes a fraction of a second.
 """
-import math
 
 import numpy as np
 import pytest
@@ -11,20 +10,27 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from lora_helpers import get_profile, lora_layers
-from lora_helpers.compare import (compare_methods, control_comparison, next_rate, paired_tests, results_json,
-                                  results_table, summary_rows)
-from lora_helpers.stats import VERDICTS
-from lora_helpers.experiments import TARGET_SETS, lora_param_count, lora_variant
+from lora_helpers import get_profile
+from lora_helpers.compare import (
+    compare_methods,
+    control_comparison,
+    next_rate,
+    paired_tests,
+    results_json,
+    results_table,
+    summary_rows,
+)
+from lora_helpers.experiments import lora_variant
 from lora_helpers.loop import make_batches
-from lora_helpers.methods import method_spec
-from lora_helpers.runner import TokenizedData, best_run, mcnemar, mean_sd, run, split_validation, sweep
+from lora_helpers.runner import TokenizedData, best_run, mcnemar, mean_sd, split_validation
+from lora_helpers.stats import VERDICTS
 
 
 def tiny_backbone(name, seed=0, verbose=False, num_labels=2):
     """A load_backbone-style callable: a 2-layer, 16-wide DistilBERT with random weights, head from ``seed``."""
-    config = DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
-                              max_position_embeddings=32, num_labels=num_labels)
+    config = DistilBertConfig(
+        vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=32, num_labels=num_labels
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = DistilBertForSequenceClassification(config)
@@ -45,8 +51,16 @@ def tiny_data(n_train=32, n_val=16, n_test=16, length=10, seed=0) -> TokenizedDa
         return ids.tolist(), labels.tolist()
 
     (train_ids, train_labels), (val_ids, val_labels), (test_ids, test_labels) = map(reviews, (n_train, n_val, n_test))
-    return TokenizedData(train_ids, train_labels, make_batches(val_ids, val_labels, 8, 0),
-                         make_batches(test_ids, test_labels, 8, 0), test_labels, batch_size=8, pad_id=0, max_length=length)
+    return TokenizedData(
+        train_ids,
+        train_labels,
+        make_batches(val_ids, val_labels, 8, 0),
+        make_batches(test_ids, test_labels, 8, 0),
+        test_labels,
+        batch_size=8,
+        pad_id=0,
+        max_length=length,
+    )
 
 
 @pytest.fixture
@@ -56,13 +70,16 @@ def profile():
 
 # ------------------------------------------------------------------ splits
 
+
 def test_split_validation_is_balanced_disjoint_and_seeded():
     texts = [f"review {i}" for i in range(40)]
-    data = DatasetDict(train=Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(40)]}),
-                       test=Dataset.from_dict({"text": ["t"], "label": [0]}))
+    data = DatasetDict(
+        train=Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(40)]}),
+        test=Dataset.from_dict({"text": ["t"], "label": [0]}),
+    )
     out = split_validation(data, 10, seed=0)
     assert (len(out["train"]), len(out["validation"]), len(out["test"])) == (30, 10, 1)
-    assert sum(out["validation"]["label"]) == 5                          # balanced
+    assert sum(out["validation"]["label"]) == 5  # balanced
     assert not set(out["train"]["text"]) & set(out["validation"]["text"])  # disjoint
     assert set(out["train"]["text"]) | set(out["validation"]["text"]) == set(texts)
     assert split_validation(data, 10, seed=0)["validation"]["text"] == out["validation"]["text"]
@@ -72,6 +89,7 @@ def test_split_validation_is_balanced_disjoint_and_seeded():
 
 
 # ------------------------------------------------------------------ McNemar against hand-computed cases
+
 
 def test_mcnemar_known_answers():
     labels = [1] * 10
@@ -103,18 +121,26 @@ def test_next_rate_walks_the_half_decade_grid():
 
 # ------------------------------------------------------------------ the comparison
 
+
 def test_compare_methods_tunes_seeds_and_tests_once(profile):
     data = tiny_data()
-    results = compare_methods(profile, methods=("full", "lora", "head"), seeds=(0, 1),
-                              lrs={"head": [1e-3, 2e-2], "lora": [1e-3, 1e-2]}, data=data,
-                              backbone=tiny_backbone, device="cpu", verbose=False)
+    results = compare_methods(
+        profile,
+        methods=("full", "lora", "head"),
+        seeds=(0, 1),
+        lrs={"head": [1e-3, 2e-2], "lora": [1e-3, 1e-2]},
+        data=data,
+        backbone=tiny_backbone,
+        device="cpu",
+        verbose=False,
+    )
     runs = results["runs"]
     assert list(runs) == ["full", "lora", "head"] and all(len(rs) == 2 for rs in runs.values())
     best_head = best_run(results["sweep"]["head"]).lr
     assert results["head_lr"] == best_head
     assert all(r.head_lr == best_head for rs in runs.values() for r in rs)  # every head trained alike
     assert runs["lora"][0].lr == best_run(results["sweep"]["lora"]).lr == runs["lora"][1].lr
-    assert runs["full"][0].lr == profile.lr_full                       # not swept: the profile's rate
+    assert runs["full"][0].lr == profile.lr_full  # not swept: the profile's rate
     assert all(r.test is not None for rs in runs.values() for r in rs)
     assert all(r.test is None for r in results["sweep"]["lora"] if r is not runs["lora"][0])
     tests = paired_tests(results)
@@ -136,9 +162,18 @@ def test_compare_methods_tunes_seeds_and_tests_once(profile):
 def test_an_edge_optimum_grows_the_grid_and_the_control_reruns_the_configuration(profile):
     """A grid whose best rate sits at its edge grows past it; the control is the same method with new seeds."""
     data = tiny_data()
-    results = compare_methods(profile, methods=("lora", "head"), seeds=(0, 1), lrs={"lora": [1e-6, 3e-6]},
-                              data=data, backbone=tiny_backbone, device="cpu", verbose=False, extend_grid=True,
-                              control="lora")
+    results = compare_methods(
+        profile,
+        methods=("lora", "head"),
+        seeds=(0, 1),
+        lrs={"lora": [1e-6, 3e-6]},
+        data=data,
+        backbone=tiny_backbone,
+        device="cpu",
+        verbose=False,
+        extend_grid=True,
+        control="lora",
+    )
     tried = sorted(r.lr for r in results["sweep"]["lora"])
     chosen = results["lrs"]["lora"]
     # a rate that tiny learns nothing, so the best is the largest until the grid has grown past it
@@ -158,11 +193,17 @@ def test_an_edge_optimum_grows_the_grid_and_the_control_reruns_the_configuration
 
 
 def test_variants_race_under_their_own_names(profile):
-    from lora_helpers.experiments import lora_variant
 
     spec = lora_variant(("q_lin",), 2, profile=profile, name="q r=2")
-    results = compare_methods(profile, methods=("head", spec), seeds=(0,), data=tiny_data(), backbone=tiny_backbone,
-                              device="cpu", verbose=False)
+    results = compare_methods(
+        profile,
+        methods=("head", spec),
+        seeds=(0,),
+        data=tiny_data(),
+        backbone=tiny_backbone,
+        device="cpu",
+        verbose=False,
+    )
     assert list(results["runs"]) == ["head", "q r=2"] and results["runs"]["q r=2"][0].lora_layers > 0
     rows = summary_rows(results, reference="q r=2")
     assert rows[0]["verdict"] == "no verdict"  # one seed
@@ -170,12 +211,27 @@ def test_variants_race_under_their_own_names(profile):
 
 def test_a_sweep_seed_is_never_tested_and_every_tested_seed_trains_afresh(profile):
     data = tiny_data()
-    results = compare_methods(profile, methods=("lora",), seeds=(0, 1), lrs={"lora": [1e-3, 1e-2]}, data=data,
-                              backbone=tiny_backbone, device="cpu", verbose=False, sweep_seed=7)
+    results = compare_methods(
+        profile,
+        methods=("lora",),
+        seeds=(0, 1),
+        lrs={"lora": [1e-3, 1e-2]},
+        data=data,
+        backbone=tiny_backbone,
+        device="cpu",
+        verbose=False,
+        sweep_seed=7,
+    )
     assert {r.seed for r in results["sweep"]["lora"]} == {7} and results["sweep_seed"] == 7
     assert [r.seed for r in results["runs"]["lora"]] == [0, 1]
     assert all(r.model is None for r in results["sweep"]["lora"])
     with pytest.raises(ValueError, match="never tested"):
-        compare_methods(profile, methods=("lora",), seeds=(0, 1), lrs={"lora": [1e-3]}, data=data,
-                        backbone=tiny_backbone, sweep_seed=1)
-
+        compare_methods(
+            profile,
+            methods=("lora",),
+            seeds=(0, 1),
+            lrs={"lora": [1e-3]},
+            data=data,
+            backbone=tiny_backbone,
+            sweep_seed=1,
+        )

@@ -1,10 +1,19 @@
 """Seed-level inference (lora_helpers.stats) against published constants, SciPy, and simulated seeds
 with a known answer."""
+
 import numpy as np
 import pytest
 
-from lora_helpers.stats import (EQUIVALENCE_MARGIN, compare_runs, gap_recovered, seed_differences, seed_verdict,
-                                t_cdf, t_interval, t_quantile)
+from lora_helpers.stats import (
+    EQUIVALENCE_MARGIN,
+    compare_runs,
+    gap_recovered,
+    seed_differences,
+    seed_verdict,
+    t_cdf,
+    t_interval,
+    t_quantile,
+)
 
 
 @pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (4, 2.776), (5, 2.571), (10, 2.228), (30, 2.042)])
@@ -99,8 +108,10 @@ def test_seed_differences_pair_by_seed_or_in_order():
 def test_gap_recovered_known_answer():
     head = [{"seed": s, "test_accuracy": 0.60 + 0.01 * s} for s in range(3)]
     full = [{"seed": s, "test_accuracy": 0.80 + 0.02 * s} for s in range(3)]
-    half = [{"seed": s, "test_accuracy": (h["test_accuracy"] + f["test_accuracy"]) / 2}
-            for s, h, f in zip(range(3), head, full)]
+    half = [
+        {"seed": s, "test_accuracy": (h["test_accuracy"] + f["test_accuracy"]) / 2}
+        for s, h, f in zip(range(3), head, full)
+    ]
     out = gap_recovered(half, full, head)
     assert out["mean"] == pytest.approx(0.5) and out["shares"] == pytest.approx([0.5] * 3)
     with pytest.raises(ValueError, match="undefined"):
@@ -109,15 +120,21 @@ def test_gap_recovered_known_answer():
 
 def test_seeds_needed_by_hand():
     from lora_helpers.stats import seeds_needed
+
     # sd 0.02, margin 0.02: t(n-1) / sqrt(n) < 1 first at n = 7 (2.447 / 2.646 = 0.925; n = 6: 2.571 / 2.449 = 1.05)
     assert seeds_needed(0.02, 0.02) == 7
     assert seeds_needed(0.01, 0.02, mean=0.025) is None
     n = seeds_needed(0.03, 0.02, mean=0.005)
-    assert t_quantile(0.975, n - 1) * 0.03 / n ** 0.5 + 0.005 < 0.02 <= t_quantile(0.975, n - 2) * 0.03 / (n - 1) ** 0.5 + 0.005
+    assert (
+        t_quantile(0.975, n - 1) * 0.03 / n**0.5 + 0.005
+        < 0.02
+        <= t_quantile(0.975, n - 2) * 0.03 / (n - 1) ** 0.5 + 0.005
+    )
 
 
 def test_median_interval_order_statistics():
     from lora_helpers.stats import median_interval
+
     # n = 10: P(B <= 1) = 11/1024 <= 2.5% < P(B <= 2) = 56/1024, so the interval is [x_(2), x_(9)] (the textbook value)
     got = median_interval(range(1, 11))
     assert (got["low"], got["high"], got["median"]) == (2.0, 9.0, 5.5)
@@ -131,6 +148,7 @@ def test_median_interval_covers_a_skewed_median():
     import random
 
     from lora_helpers.stats import median_interval
+
     rng = random.Random(0)
     covered = 0
     for _ in range(2000):

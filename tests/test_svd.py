@@ -1,4 +1,5 @@
 """Unit tests of lora_helpers.svd against independent references (numpy, direct formulas)."""
+
 import matplotlib
 
 matplotlib.use("Agg")

@@ -1,4 +1,5 @@
 """Tests of lora_helpers.utils.set_seed: seeding repeats, and thread pinning only when asked."""
+
 import random
 
 import numpy as np
@@ -71,6 +72,7 @@ def test_the_suite_and_the_notebook_script_pin_the_same_count_as_before():
     outputs) must agree, on 2: the count set_seed pinned on every machine without CUDA before."""
     import re
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
     conftest = re.search(r'setdefault\("LORA_NUM_THREADS", "(\d+)"\)', (root / "conftest.py").read_text())
     script = re.search(r"LORA_NUM_THREADS=(\d+)", (root / "tools" / "execute_notebooks.sh").read_text())

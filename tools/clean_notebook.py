@@ -4,6 +4,7 @@ Outputs stay: they are what nbval compares against.
 
     python tools/clean_notebook.py notebooks/*.ipynb
 """
+
 import hashlib
 import json
 import sys

@@ -10,6 +10,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 TOKENIZERS_PARALLEL
 # idle OpenMP threads sleep: two notebooks executed side by side must not spin against each other
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 unset LORA_PROFILE  # the default profile (quick on a CPU), as a learner gets it
+# the offline IMDb copy beside the repository, if there is one (else load_imdb's own search)
+[ -n "${LORA_IMDB_DIR:-}" ] || [ ! -d ../shared/data/imdb ] || export LORA_IMDB_DIR=$(cd ../shared/data/imdb && pwd)
 notebooks=("$@")
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(notebooks/[0-9][0-9]_*.ipynb)
 for nb in "${notebooks[@]}"; do

@@ -10,6 +10,7 @@ in ``README.md``, ``docs/*.md`` and ``pyproject.toml``. Files keep their
 formatting byte for byte apart from the URLs, so the notebooks' saved outputs
 (and nbval's checks) are untouched. ``--root`` works on another checkout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def rewrite(text: str, old: str, new: str, branch: str | None = None) -> str:
     """``text`` with every link to the repository ``old`` (``OWNER/REPO``) pointing to ``new`` instead."""
     end = r"(?![\w-])"  # do not touch a longer name that starts the same: OWNER/REPO-other
     text = re.sub(rf"https://github\.com/{re.escape(old)}{end}", f"https://github.com/{new}", text)
-    text = re.sub(rf"colab\.research\.google\.com/github/{re.escape(old)}{end}",
-                  f"colab.research.google.com/github/{new}", text)
+    text = re.sub(
+        rf"colab\.research\.google\.com/github/{re.escape(old)}{end}", f"colab.research.google.com/github/{new}", text
+    )
     if branch:
         text = re.sub(BADGE_BRANCH.format(slug=re.escape(new)), rf"\g<1>{branch}\g<2>", text)
     return text
@@ -53,8 +55,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url", help="the new repository, https://github.com/OWNER/REPO")
     parser.add_argument("--branch", help="also point the Colab badges at this branch (default: keep theirs)")
-    parser.add_argument("--root", default=Path(__file__).resolve().parent.parent, type=Path,
-                        help="the checkout to update (default: this one)")
+    parser.add_argument(
+        "--root",
+        default=Path(__file__).resolve().parent.parent,
+        type=Path,
+        help="the checkout to update (default: this one)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="only list the files that would change")
     args = parser.parse_args(argv)
 
@@ -65,7 +71,7 @@ def main(argv=None) -> int:
     init = args.root / INIT
     m = REPO_URL_LINE.search(init.read_bytes().decode("utf-8"))
     if not m:
-        print(f"error: no line REPO_URL = \"...\" in {init}", file=sys.stderr)
+        print(f'error: no line REPO_URL = "..." in {init}', file=sys.stderr)
         return 2
     old = parse_github_url(m.group("url"))
     changed = []
