@@ -40,6 +40,7 @@ from .adapters import lora_state_dict, save_adapter
 from .analysis import energy_in_top, expected_random_similarity, random_like, subspace_similarity, top_directions
 from .backbone import load_backbone
 from .lora import count_parameters
+from .memory import training_memory_formula
 from .methods import MethodSpec, method_spec, prepare_method
 from .runner import best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
 from .stats import EQUIVALENCE_MARGIN, compare_runs, gap_recovered
@@ -100,8 +101,12 @@ def checkpoint_bytes(model, kind: str, head_modules) -> int:
 
 
 def optimizer_bytes(n_trainable: int, bytes_per_value: int = 4) -> int:
-    """Gradients plus AdamW's two running averages: 3 values per trainable parameter (float32: 12 bytes)."""
-    return 3 * bytes_per_value * n_trainable
+    """Gradients plus AdamW's two running averages: 3 values per trainable parameter (float32: 12 bytes).
+
+    ``memory.training_memory_formula``'s count, without the (frozen or trained) weights.
+    """
+    f = training_memory_formula(n_trainable, n_trainable, bytes_per_param=bytes_per_value)
+    return f["gradients"] + f["optimizer_state"]
 
 
 def method_costs(profile, methods, backbone=None) -> dict:

@@ -12,8 +12,9 @@ wraps it; its per-step buffer broadcast is switched off.
 few global batches once, trains ``world_size`` processes on equal slices of them,
 records every bucket DDP all-reduces (a communication hook), then trains one
 process on the whole global batches from the same start and compares the trained
-parameters. Dropout is switched off, so the two runs differ only by the order of
-floating-point sums.
+parameters. Both train with the series' one training loop (``loop.train``, notebook 03:
+AdamW, warm-up and decay, gradient clipping); the DDP wrapper is just the model it is given.
+Dropout is switched off, so the two runs differ only by the order of floating-point sums.
 
 Command line (the script the notebook runs)::
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from .loop import train
 from .lora import apply_lora, count_parameters, mark_only_lora_trainable
 from .methods import HEAD_MODULES
 
@@ -109,24 +111,18 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _train(model: nn.Module, batches, lr: float, sync=None) -> tuple[list[float], dict]:
-    """Plain AdamW steps on ``batches``; ``sync`` is the DDP wrapper when data-parallel.
+def _first_gradients(net: nn.Module, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """The gradients of one forward and backward pass on ``batch`` through ``net`` (the DDP wrapper when
+    data-parallel: averaged over the processes), before any optimizer step; the model is left unchanged."""
+    net(**batch).loss.backward()
+    grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
 
-    Returns the losses and the gradients of the first step (before AdamW, which would hide
-    their scale: a sum over processes instead of a mean would train almost alike).
-    """
-    net = sync or model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses, first_grads = [], {}
-    for batch in batches:
-        loss = net(**batch).loss
-        loss.backward()  # DDP: the gradients are averaged over the processes here
-        if not first_grads:
-            first_grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, first_grads
+
+def _train(net: nn.Module, batches, lr: float, desc: str) -> list[float]:
+    """The training loop of notebook 03 (``loop.train``), on the CPU; ``net`` may be the DDP wrapper."""
+    return train(net, batches, lr=lr, device="cpu", desc=desc).losses
 
 
 def _no_forward_buffer_sync() -> dict:
@@ -155,8 +151,10 @@ def _worker(rank: int, world_size: int, port: int, kind: str, batches, lr: float
         ddp.register_comm_hook(None, record_and_allreduce)
         share = len(batches[0]["labels"]) // world_size
         local = [{k: v[rank * share : (rank + 1) * share] for k, v in b.items()} for b in batches]
+        first_grads = _first_gradients(ddp, model, local[0])
+        sent.clear()  # count what the training steps all-reduce
         start = time.perf_counter()
-        losses, first_grads = _train(model, local, lr, sync=ddp)
+        losses = _train(ddp, local, lr, desc=f"rank {rank}")
         seconds = time.perf_counter() - start
         if rank == 0:
             torch.save({"state": _trainable_state(model), "first_grads": first_grads}, Path(out_dir) / "ddp_state.pt")
@@ -223,8 +221,9 @@ def run_data_parallel(
         log = json.loads((Path(out_dir) / "ddp.json").read_text())
     model = build_model(kind)
     initial = _trainable_state(model)
+    grads = _first_gradients(model, model, batches[0])
     start = time.perf_counter()
-    losses, grads = _train(model, batches, lr)
+    losses = _train(model, batches, lr, desc="one process")
     single_seconds = time.perf_counter() - start
     single = _trainable_state(model)
     counts = count_parameters(model)
