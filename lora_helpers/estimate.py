@@ -33,6 +33,8 @@ two for long runs; compare with the s/step that your first run prints.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import statistics
 from dataclasses import dataclass, field
 
@@ -77,26 +79,18 @@ DEVICES = {
         312 * GPU_UTILISATION,
         "312 TFLOPS bf16 dense peak (NVIDIA A100 datasheet) x 20% assumed utilisation",
     ),
-    # Measured on a quiet 2-core AMD EPYC (torch, 2 threads, stand-in, 16 x 128 tokens) in the cpu comparison run kept
-    # as results/compare-cpu-timing-epyc.json: each method's FLOPs per step (this module) over its median s/step;
-    # evaluation from the run's wall time less its training time. Recomputed by tests/test_estimate.py.
-    "ci-cpu": Device(
-        "a 2-core CPU (torch, 2 threads)",
-        0.109,
-        "measured: a quiet cpu comparison run (FLOPs of this module / seconds)",
-        per_kind={"full": 0.084, "lora": 0.072, "head": 0.067},
-    ),
 }
+# The CPU's rates are data, not code: measured_rates() of the committed quiet cpu comparison run
+# (compare-cpu-timing-epyc, a 2-core AMD EPYC, torch with 2 threads, the stand-in at 16 x 128 tokens), added below.
+CPU_TIMING_RUN = "compare-cpu-timing-epyc"
 
-# What each notebook trains: (method, runs). Notebooks 05 and 07 run on experiments.study_profile(profile)
-# (07 with the profile's own training reviews).
-NOTEBOOK_RUNS = {
-    "03": (("lora", 1), ("head", 1)),  # the LoRA run and its B = 0 control
-    "04": (("full", 3), ("lora", 6), ("lora-all", 3), ("head", 3)),  # four methods x three seeds + the control
-    "05": (("head", 3), ("lora", 17)),  # the Section 7 studies
-    "07": (("lora", 6),),  # LoRA on an fp32 and an NF4 base, 3 seeds each
-}
-STUDY_NOTEBOOKS = ("05", "07")
+
+def _read_package_json(*parts: str) -> dict:
+    return json.loads((importlib.resources.files("lora_helpers").joinpath(*parts)).read_text(encoding="utf-8"))
+
+
+# What each notebook trains at its default settings (its banner's plan): lora_helpers/notebook_plans.json
+NOTEBOOK_PLANS = {k: v for k, v in _read_package_json("notebook_plans.json").items() if k != "about"}
 
 
 def _shape(profile):
@@ -169,14 +163,14 @@ def compare_plan(methods, seeds: int, sweep: bool) -> list:
 
 def notebook_plan(notebook: str, profile) -> tuple:
     """``(profile the notebook's runs use, [(method, runs, tested)])`` for notebook 03, 04, 05 or 07."""
-    if notebook not in NOTEBOOK_RUNS:
-        raise ValueError(f"no estimate for notebook {notebook!r}: choose one of {sorted(NOTEBOOK_RUNS)}")
-    if notebook in STUDY_NOTEBOOKS:
+    if notebook not in NOTEBOOK_PLANS:
+        raise ValueError(f"no estimate for notebook {notebook!r}: choose one of {sorted(NOTEBOOK_PLANS)}")
+    plan = NOTEBOOK_PLANS[notebook]
+    if plan["study"]:
         from .experiments import study_profile
 
-        # notebook 07 keeps the profile's training reviews (its NF4 comparison needs runs that have learned)
-        profile = study_profile(profile, **({"n_train": profile.n_train} if notebook == "07" else {}))
-    return profile, [(m, n, n) for m, n in NOTEBOOK_RUNS[notebook]]
+        profile = study_profile(profile, **({"n_train": profile.n_train} if plan["keeps_n_train"] else {}))
+    return profile, [(m, n, n) for m, n in plan["runs"].items()]
 
 
 def plan_cost(profile, runs, device: str, config=None) -> tuple[float, float]:
@@ -199,10 +193,11 @@ def notebook_flops(notebook: str, profile, config=None) -> float:
 
 
 def measured_rates(saved: dict) -> dict:
-    """Sustained TFLOPS of a machine, from a saved ``compare`` run (``lora_helpers/results/compare-*.json``):
-    per method kind the
-    median over runs of FLOPs per step / s per step, and for evaluation the evaluation FLOPs over the run's wall
-    time less its training time (so loading and bookkeeping count as evaluation: a slightly low rate)."""
+    """Sustained TFLOPS of a machine, from a saved ``compare`` run (``lora_helpers/results/compare-*.json``).
+
+    Per method kind the median over runs of FLOPs per step / s per step; for evaluation the evaluation FLOPs over
+    the run's wall time less its training time (so loading and bookkeeping count as evaluation: a slightly low rate).
+    """
     from .profiles import Profile
 
     profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["profile"].items()})
@@ -221,6 +216,19 @@ def measured_rates(saved: dict) -> dict:
         "per_kind": {kind: statistics.median(r) / 1e12 for kind, r in rates.items()},
         "eval": eval_flops / (saved["wall_time_s"] - train_seconds) / 1e12,
     }
+
+
+def _cpu_device() -> Device:
+    rates = measured_rates(_read_package_json("results", f"{CPU_TIMING_RUN}.json"))
+    return Device(
+        "a 2-core CPU (torch, 2 threads)",
+        rates["eval"],
+        f"measured: the committed quiet cpu comparison run {CPU_TIMING_RUN} (FLOPs of this module / seconds)",
+        per_kind=rates["per_kind"],
+    )
+
+
+DEVICES["cpu"] = _cpu_device()
 
 
 def duration(s: float) -> str:

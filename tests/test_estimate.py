@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from lora_helpers import apply_lora, get_profile, mark_only_lora_trainable
+from lora_helpers import apply_lora, committed_run, get_profile, mark_only_lora_trainable
 from lora_helpers.estimate import (
     DEVICES,
     SHAPES,
@@ -107,19 +107,17 @@ def test_the_standin_shape_is_the_standin():
 def test_the_cpu_rates_are_the_committed_runs_rates():
     # the quiet cpu run the rates were measured on (AMD EPYC, nothing else running); the package's compare-cpu.json
     # is a later run whose timings were taken beside other work
-    committed = json.loads(
-        (Path(__file__).resolve().parent.parent / "results" / "compare-cpu-timing-epyc.json").read_text()
-    )
+    committed = committed_run("compare-cpu-timing-epyc")
     assert committed["backbone"].startswith("minilm-standin") and "2 cores" in committed["machine"]
     measured = measured_rates(committed)
-    cpu = DEVICES["ci-cpu"]
+    cpu = DEVICES["cpu"]
     for kind, rate in measured["per_kind"].items():
         assert cpu.train_tflops(kind) == pytest.approx(rate, rel=0.05), kind
     assert cpu.tflops == pytest.approx(measured["eval"], rel=0.05)
     # and the estimate then reproduces the run's own wall time (loading and bookkeeping excepted)
     profile = get_profile("cpu", backbone="minilm-standin")
     plan = compare_plan(list(committed["runs"]), len(committed["seeds"]), sweep=True)
-    assert plan_cost(profile, plan, "ci-cpu")[1] == pytest.approx(committed["wall_time_s"], rel=0.1)
+    assert plan_cost(profile, plan, "cpu")[1] == pytest.approx(committed["wall_time_s"], rel=0.1)
 
 
 def test_notebook_estimates_grow_with_the_profile_and_refuse_unknown_notebooks():
@@ -127,3 +125,25 @@ def test_notebook_estimates_grow_with_the_profile_and_refuse_unknown_notebooks()
     assert notebook_flops("04", gpu) > 100 * notebook_flops("04", smoke)
     with pytest.raises(ValueError, match="no estimate for notebook"):
         notebook_flops("02", smoke)
+
+
+def test_each_notebook_plan_is_what_the_notebook_trains():
+    """notebook_plans.json against the notebooks: each banner's plan, and whether its runs use study_profile."""
+    import ast
+    import re
+
+    from lora_helpers.estimate import NOTEBOOK_PLANS
+
+    folder = Path(__file__).resolve().parent.parent / "notebooks"
+    found = {}
+    for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
+        code = "\n".join(
+            "".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"
+        )
+        banner = re.search(r"print_banner\(.*?plan=(\{[^}]*\})", code, flags=re.S)
+        if banner:
+            found[path.name[:2]] = (ast.literal_eval(banner.group(1)), "study_profile(" in code)
+    assert sorted(found) == sorted(NOTEBOOK_PLANS)
+    for notebook, (runs, study) in found.items():
+        assert NOTEBOOK_PLANS[notebook]["runs"] == runs, notebook
+        assert NOTEBOOK_PLANS[notebook]["study"] == study, notebook
