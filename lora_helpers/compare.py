@@ -226,30 +226,18 @@ def compare_methods(
         if method in lrs:
             if verbose:
                 print(f"-- {method}: learning-rate sweep {lrs[method]} on the validation split (seed {tune_seed})")
-            if extend_grid:
-                swept[method] = extended_sweep(
-                    spec,
-                    data,
-                    profile,
-                    lrs[method],
-                    seed=tune_seed,
-                    head_lr=head_lr,
-                    device=device,
-                    backbone=backbone,
-                    verbose=verbose,
-                )
-            else:
-                swept[method] = sweep(
-                    spec,
-                    data,
-                    profile,
-                    lrs[method],
-                    seed=tune_seed,
-                    head_lr=head_lr,
-                    device=device,
-                    backbone=backbone,
-                    verbose=verbose,
-                )
+            tune = extended_sweep if extend_grid else sweep  # extended: grow a grid whose best rate is at its edge
+            swept[method] = tune(
+                spec,
+                data,
+                profile,
+                lrs[method],
+                seed=tune_seed,
+                head_lr=head_lr,
+                device=device,
+                backbone=backbone,
+                verbose=verbose,
+            )
             first = best_run(swept[method])
             if method == "head":
                 head_lr = first.lr
