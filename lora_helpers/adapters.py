@@ -8,16 +8,22 @@ An adapter on disk is a folder with two files:
   ``lora_alpha``, dropout, the wrapped layer names, the extra modules and the
   base model's name.
 
+The config records the SHA-256 of the tensor file (``tensors_sha256``), so that the
+two files are one unit: a reader never pairs new tensors with an old config (a save
+interrupted between its two renames, or one running in another process) without
+noticing; it reads again, and refuses if they still do not belong together.
+
 Introduced in notebook 03 (``03_lora_distilbert_imdb.ipynb``); notebook 06
 converts these adapters to and from PEFT's format.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import numbers
 import os
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,10 +32,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from .lora import MERGED_KEY, PISSA_KEY, LoRALinear, _matches, _name_list, apply_lora, lora_layers, pissa_init_
-from .utils import check_can_write, write_files_atomically
+from .lora import MERGED_KEY, PISSA_KEY, LoRALinear, _matches, _name_list, lora_layers, pissa_init_, wrap_layers
+from .utils import ArgumentError, check_bool, check_can_write, check_int, check_real, write_files_atomically
 
 WEIGHTS_NAME = "lora_adapter.safetensors"
 CONFIG_NAME = "lora_adapter.json"
@@ -70,9 +75,10 @@ def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: 
 
     Everything is checked and serialised before anything is written; both files are
     then written as temporary files in the folder and renamed over the old ones, so a
-    failure leaves an adapter already in the folder as it was (only a crash between
-    the two renames, a moment, could pair the new tensors with the old config). Other
-    files in the folder are left alone.
+    failure leaves an adapter already in the folder as it was. The tensor file carries
+    SHA-256 in the config, so a crash between the two renames cannot pair new tensors
+    with an old config unnoticed. Temporary files left by a writer that was killed are
+    removed by the next save. Other files in the folder are left alone.
 
     ``base_model``: the name recorded in the config (a ``str``, or a path, stored as
     text); default: the model's ``config._name_or_path``, else its class name.
@@ -111,8 +117,13 @@ def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: 
     if pissa:
         config["pissa_layers"] = pissa
     check_can_write(path, "folder")
-    text = json.dumps(config, indent=2, allow_nan=False) + "\n"  # serialise both before writing either
-    weights = safetensors.torch.save(lora_state_dict(model, extra))
+    tensors = lora_state_dict(model, extra)
+    problems = tensor_problems(tensors)
+    if problems:
+        raise ValueError("nothing was saved: " + "; ".join(problems[:5]))
+    weights = safetensors.torch.save(tensors)
+    config["tensors_sha256"] = hashlib.sha256(weights).hexdigest()  # ties this config to these tensors
+    text = json.dumps(config, indent=2, allow_nan=False) + "\n"  # both serialised before either is written
     write_files_atomically(path, {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
     return path
 
@@ -128,28 +139,59 @@ def _dropout_p(layer: LoRALinear) -> float:
 def read_json_file(file: Path, what: str) -> dict:
     """A JSON object from ``file``; a damaged or non-object file is a ``ValueError`` naming it."""
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        return parse_json_object(file.read_bytes(), str(file), what)
+    except OSError as err:
+        raise ValueError(f"{file} cannot be read ({err.strerror}): the {what} is missing or unreadable") from None
+
+
+def parse_json_object(data: bytes | str, where: str, what: str) -> dict:
+    """The JSON object in ``data`` (read from ``where``); damaged, non-UTF-8 or absurdly nested text is refused."""
+    try:
+        config = json.loads(data)
     except json.JSONDecodeError as err:
         raise ValueError(
-            f"{file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): the {what} "
+            f"{where} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): the {what} "
             "is damaged or incomplete; write it again"
         ) from None
     except UnicodeDecodeError:
-        raise ValueError(f"{file} is not a text (UTF-8) file: the {what} is damaged; write it again") from None
+        raise ValueError(f"{where} is not a text (UTF-8) file: the {what} is damaged; write it again") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a {what}: it was not written by this library") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object ({{...}}), it holds a {type(config).__name__}")
+        raise ValueError(f"{where} must hold a JSON object ({{...}}), it holds a {type(config).__name__}")
     return config
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{file} cannot be read ({err.strerror})") from None
 
 
 def read_safetensors_file(file: Path, what: str) -> dict[str, torch.Tensor]:
     """The tensors of ``file``; a damaged or truncated file is a ``ValueError`` naming it."""
+    return parse_safetensors(_read_bytes(file), file, what)
+
+
+def parse_safetensors(data: bytes, file: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors in ``data``, the bytes of ``file`` (read as bytes: any file name works)."""
     try:
-        return load_file(str(file))
+        return safetensors.torch.load(data)
     except SafetensorError as err:
         raise ValueError(
             f"{file} cannot be read as safetensors ({err}): the {what} is damaged or incomplete "
             "(an interrupted copy?); write it again"
         ) from None
+
+
+def _problem(check, *args) -> str | None:
+    """The message of ``check(*args)`` (a ``utils.check_*``) if it refuses, else None: to collect every problem."""
+    try:
+        check(*args)
+    except ArgumentError as err:
+        return str(err)
+    return None
 
 
 def _config_problems(config: dict) -> list[str]:
@@ -158,17 +200,13 @@ def _config_problems(config: dict) -> list[str]:
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
     if missing:
         problems.append(f"missing {missing}")
-    r = config.get("r", 1)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(f"r must be an integer >= 1, got {r!r}")
-    alpha = config.get("lora_alpha", 1)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-        problems.append(f"lora_alpha must be a number > 0, got {alpha!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        problems.append(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
-    if not isinstance(config.get("use_rslora", False), bool):
-        problems.append(f"use_rslora must be true or false, got {config['use_rslora']!r}")
+    problems += [
+        _problem(check_int, "r", config.get("r", 1), 1),
+        _problem(check_real, "lora_alpha", config.get("lora_alpha", 1), 0, None, True),
+        _problem(check_real, "lora_dropout", config.get("lora_dropout", 0.0), 0, 1, False, True),
+        _problem(check_bool, "use_rslora", config.get("use_rslora", False)),
+    ]
+    problems = [p for p in problems if p]
     for key in ("target_modules", "extra_modules", "pissa_layers"):
         names = config.get(key, ["x"] if key == "target_modules" else [])
         if (
@@ -181,6 +219,9 @@ def _config_problems(config: dict) -> list[str]:
             )
     if not problems and not set(config.get("pissa_layers", [])) <= set(config["target_modules"]):
         problems.append("pissa_layers must be among target_modules")
+    digest = config.get("tensors_sha256")
+    if digest is not None and not isinstance(digest, str):
+        problems.append(f"tensors_sha256 must be text (the tensor file's SHA-256), got {digest!r}")
     base = config.get("base_model")
     if base is not None and not isinstance(base, str):
         problems.append(f"base_model must be a name (text), got {base!r}")
@@ -209,7 +250,20 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{path} is not a lora_helpers adapter: expected {CONFIG_NAME} and "
             f"{WEIGHTS_NAME} (written by save_adapter), found {found}"
         )
-    config = read_json_file(path / CONFIG_NAME, "adapter config")
+    for attempt in range(_READ_ATTEMPTS):  # a save running elsewhere renames its two files a moment apart
+        config = read_json_file(path / CONFIG_NAME, "adapter config")
+        data = _read_bytes(path / WEIGHTS_NAME)
+        wanted = config.get("tensors_sha256")
+        if wanted is None or hashlib.sha256(data).hexdigest() == wanted:
+            break
+        time.sleep(0.01 * (attempt + 1))
+    else:
+        parse_safetensors(data, path / WEIGHTS_NAME, "adapter's tensor file")  # damaged: say so first
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} is not the tensor file {path / CONFIG_NAME} was saved with (its SHA-256 "
+            "differs): a save was interrupted between its two files, or the files were mixed by hand. "
+            "Save the adapter again"
+        )
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}")
     problems = _config_problems(config)
@@ -227,7 +281,10 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
         "pissa_layers": [],
         **config,
     }
-    return config, read_safetensors_file(path / WEIGHTS_NAME, "adapter's tensor file")
+    return config, parse_safetensors(data, path / WEIGHTS_NAME, "adapter's tensor file")
+
+
+_READ_ATTEMPTS = 20
 
 
 def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
@@ -274,14 +331,45 @@ def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
                     + ("no such tensor" if t is None else f"shape {got}")
                     + f", this model needs {shape}"
                 )
+        if name in config["pissa_layers"] and not isinstance(base.weight, nn.Parameter):
+            problems.append(
+                f"{name}: the adapter is PiSSA-initialised, but this base ({type(base).__name__}) computes its "
+                "weight (e.g. NF4): the residual cannot be made in it. Load into a full-precision base"
+            )
+    problems += tensor_problems(tensors)
     state = model.state_dict()
+    targets = set(config["target_modules"])
+    extra = tuple(f"{n}." for n in config["extra_modules"])
     for key, t in tensors.items():
-        if key.endswith((".lora_A", ".lora_B")):
+        layer, _, part = key.rpartition(".")
+        if part in ("lora_A", "lora_B"):
+            if layer not in targets:
+                problems.append(f"{key}: LoRA factors of a layer the config does not list in target_modules")
             continue
-        if key not in state:
+        if not key.startswith(extra):
+            problems.append(f"{key}: a tensor of no module the config declares (target_modules, extra_modules)")
+        elif key not in state:
             problems.append(f"{key}: in the adapter, not in the model")
         elif tuple(state[key].shape) != tuple(t.shape):
             problems.append(f"{key}: adapter has shape {tuple(t.shape)}, the model {tuple(state[key].shape)}")
+    for module in config["extra_modules"]:
+        needed = [k for k in state if k.startswith(f"{module}.") and not k.endswith((MERGED_KEY, PISSA_KEY))]
+        absent = [k for k in needed if k not in tensors]
+        if module not in dict(model.named_modules()):
+            problems.append(f"{module}: an extra module of the adapter, not in the model")
+        elif absent:
+            problems.append(f"{module}: declared in extra_modules, but the adapter lacks {absent[:4]}")
+    return problems
+
+
+def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors that cannot be weights: not floating point, or holding inf or nan (a diverged run)."""
+    problems = []
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            problems.append(f"{key}: a {t.dtype} tensor; adapter weights are floating point")
+        elif not torch.isfinite(t).all():
+            problems.append(f"{key}: holds inf or nan (saved from a diverged run?)")
     return problems
 
 
@@ -302,8 +390,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     own = getattr(getattr(model, "config", None), "_name_or_path", None)
     if own and config["base_model"] and own != config["base_model"]:
         warnings.warn(f"adapter was trained on {config['base_model']!r}, loading into {own!r}", stacklevel=2)
-    if not lora_layers(model):
-        apply_lora(
+    if not lora_layers(model):  # the exact layers the adapter lists (no suffix matching: "0" is not "1.0")
+        wrap_layers(
             model,
             config["target_modules"],
             config["r"],

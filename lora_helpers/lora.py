@@ -67,6 +67,7 @@ class LoRALinear(nn.Module):
         self.reset_parameters()
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False  # True while base.weight holds W0 + scaling * B A
+        self.register_buffer("_w0", None, persistent=False)  # W0 while merged (see merge)
         self.pissa = False  # True after pissa_init_: base.weight is W0 minus its top-r part
         self._pending_load = None
         self.register_load_state_dict_post_hook(_finish_load)
@@ -98,8 +99,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError(
-                    "this LoRALinear is merged: lora_A/lora_B would get no gradient and a later "
-                    "unmerge() would subtract a different update. Call unmerge() (or "
+                    "this LoRALinear is merged: lora_A/lora_B would get no gradient. Call unmerge() (or "
                     "unmerge_lora(model)) before training, or use model.eval() / torch.no_grad() "
                     "for inference."
                 )
@@ -108,19 +108,66 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return self.base(x) + update * self.scaling
 
+    def merge_problem(self) -> str | None:
+        """Why ``merge()`` would be refused (a non-finite update, an overflow, a computed base weight), or None."""
+        if self.merged:
+            return None
+        W = self.base.weight
+        if not isinstance(W, nn.Parameter):
+            return (
+                f"its base ({type(self.base).__name__}) computes its weight (e.g. NF4 codes), so W0 + scaling * B A "
+                "cannot be stored in it: keep the adapter unmerged, or merge in full precision "
+                "(layer.base = layer.base.dequantize(); layer.merge())"
+            )
+        with torch.no_grad():
+            delta = self.delta_weight()
+            if not torch.isfinite(delta).all():
+                return "its update scaling * B A has inf or nan entries (did training diverge?)"
+            if not torch.isfinite(W + delta.to(W.dtype)).all():
+                return f"W0 + scaling * B A overflows {W.dtype} (a very large update): merge in float32"
+        return None
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight (``W0 += scaling * B A``): zero added latency."""
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
+        """Fold the update into the base weight (``W0 += scaling * B A``): zero added latency.
+
+        Refused, with nothing changed, if the update is not finite or the sum overflows the
+        weight's dtype. ``W0`` is kept aside while merged (a copy the size of the weight, not in
+        the ``state_dict``), so that ``unmerge()`` gives it back bit for bit: in float16/bfloat16
+        ``(W0 + BA) - BA`` is not ``W0``, and ``A``, ``B`` may change while merged.
+        """
+        if self.merged:
+            return
+        problem = self.merge_problem()
+        if problem:
+            raise ValueError(f"cannot merge this LoRALinear: {problem}. Nothing was changed")
+        W = self.base.weight
+        self._w0 = W.detach().clone()
+        W += self.delta_weight().to(W.dtype)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of the base weight (``W0 -= scaling * B A``)."""
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
+        """Give the base weight back its ``W0``: the copy kept by ``merge()``, else ``W0 = W - scaling * B A``.
+
+        The subtraction is used only for a merged state loaded from a file (no copy travels
+        with it); it is exact up to rounding, and refused if the update is not finite.
+        """
+        if not self.merged:
+            return
+        W = self.base.weight
+        if self._w0 is not None:
+            W.copy_(self._w0)
+        else:
+            delta = self.delta_weight()
+            if not torch.isfinite(delta).all():
+                raise ValueError(
+                    "cannot unmerge: the update scaling * B A has inf or nan entries, so W0 cannot be "
+                    "recovered from the merged weight. Load lora_A and lora_B as they were when merged"
+                )
+            W -= delta.to(W.dtype)
+        self._w0 = None
+        self.merged = False
 
     def extra_repr(self) -> str:
         return (
@@ -179,6 +226,7 @@ def _finish_load(layer: LoRALinear, incompatible_keys) -> None:
         return
     form, wanted, pissa = layer._pending_load
     layer._pending_load = None
+    layer._w0 = None  # a loaded base.weight replaced what the copy was of (else unmerge above used it)
     layer.merged, layer.pissa = form, pissa
     if wanted:
         layer.merge()
@@ -331,13 +379,30 @@ def apply_lora(
                 f"Linear layers here: {_summarise(linears + sorted(wrapped))}"
             )
         chosen += [n for n in lin_hits if n not in chosen]
-    for n in chosen:  # validate every layer before changing any
+    return wrap_layers(model, chosen, r, lora_alpha, lora_dropout, use_rslora)
+
+
+def wrap_layers(model: nn.Module, names, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False) -> list[str]:
+    """Wrap the ``nn.Linear`` layers at exactly these qualified names (no suffix matching), all or none.
+
+    ``apply_lora`` resolves its targets to names, then calls this; loading an adapter calls it
+    with the names the adapter lists, so that ``"0"`` wraps ``0`` and never ``1.0``.
+    """
+    names = _name_list(names, "names")
+    modules = dict(model.named_modules())
+    for n in names:  # validate every layer before changing any
+        if isinstance(modules.get(n), LoRALinear):
+            raise ValueError(f"{n!r} is already LoRA-wrapped")
+        if not isinstance(modules.get(n), nn.Linear):
+            found = "nothing" if n not in modules else type(modules[n]).__name__
+            raise ValueError(f"{n!r} is not an nn.Linear of {type(model).__name__} (found {found})")
         _check_lora_args(modules[n], r, lora_alpha, lora_dropout)
-    for n in chosen:
+    every_name = list(model.named_modules(remove_duplicate=False))  # a shared module once per name
+    for n in names:
         layer = LoRALinear(modules[n], r, lora_alpha, lora_dropout, use_rslora)
         for alias in [a for a, m in every_name if m is modules[n]]:
             _replace(model, alias, layer)
-    return chosen
+    return list(names)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -404,15 +469,38 @@ def mark_only_lora_trainable(model: nn.Module, extra_trainable: Iterable[str] = 
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinear layers: call apply_lora(model, ...) first")
+    for t in _name_list(extra_trainable, "extra_trainable"):
+        for name, module in model.named_modules():
+            if (
+                name
+                and _matches(name, [t])
+                and (isinstance(module, LoRALinear) or any(name.startswith(f"{n}.") for n in layers))
+            ):
+                raise ValueError(
+                    f"extra_trainable {t!r} is the LoRA layer {name} (or inside one): training it fully would "
+                    "unfreeze its W0. List only the modules to train fully, e.g. the new head"
+                )
     freeze_all_except(model, extra_trainable)
     for layer in layers.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
 
 
+def _check_mergeable(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA layer of ``model``, once each layer has been checked: one that cannot merge stops all."""
+    layers = lora_layers(model)
+    problems = [f"{name}: {p}" for name, layer in layers.items() if (p := layer.merge_problem())]
+    if problems:
+        raise ValueError("cannot merge, nothing was changed:\n  - " + "\n  - ".join(problems[:10]))
+    return layers
+
+
 def merge_lora(model: nn.Module) -> int:
-    """Merge every LoRA layer (``W0 += scaling * B A``); returns how many. Merging twice is a no-op."""
-    layers = lora_layers(model).values()
+    """Merge every LoRA layer (``W0 += scaling * B A``); returns how many. Merging twice is a no-op.
+
+    Every layer is checked first (``LoRALinear.merge_problem``): if one cannot merge, none is.
+    """
+    layers = _check_mergeable(model).values()
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -427,9 +515,13 @@ def unmerge_lora(model: nn.Module) -> int:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then put the plain ``nn.Linear`` back in each LoRA layer's place: same outputs, no LoRA."""
-    for layer in lora_layers(model).values():
+    """Merge, then put the plain ``nn.Linear`` back in each LoRA layer's place: same outputs, no LoRA.
+
+    Every layer is checked before any is merged. The layers' copies of ``W0`` are dropped.
+    """
+    for layer in _check_mergeable(model).values():
         layer.merge()
+        layer._w0 = None
     for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]:
         _replace(model, name, layer.base)  # every name of a shared layer
     return model

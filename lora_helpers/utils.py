@@ -1,7 +1,9 @@
 """Small utilities used by every notebook: seeding, device choice, versions.
 
 Introduced in notebook 01 (``set_seed``, ``print_versions``); ``get_device`` in
-notebook 03. ``check_can_write`` and ``write_files_atomically`` serve the
+notebook 03. ``check_int``, ``check_real``, ``check_choice`` and ``check_bool`` are the
+one argument check every function uses: a bad value is refused by name, before
+anything changes. ``check_can_write`` and ``write_files_atomically`` serve the
 functions that write files (``save_adapter``, introduced in notebook 03;
 ``export_to_peft``; the command line). ``PeakMemory``, the process's peak memory while
 training, is used by the training loop (notebook 03).
@@ -10,6 +12,8 @@ training, is used by the training loop (notebook 03).
 from __future__ import annotations
 
 import importlib.metadata
+import math
+import numbers
 import os
 import platform
 import random
@@ -23,12 +27,80 @@ import torch
 THREADS_ENV = "LORA_NUM_THREADS"  # set by conftest.py and tools/execute_notebooks.sh (to 2)
 
 
+class ArgumentError(ValueError, TypeError):
+    """A bad argument: a ``ValueError`` (and a ``TypeError``, for a value of the wrong kind) that names it."""
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, numbers.Real) else repr(value)
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return "finite"
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an ``int`` if it is a whole number (NumPy's too; not ``bool``, not ``2.0``) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentError(
+            f"{name} must be a whole number {_range_text(low, high, False, False)}, got {_describe(value)}"
+        )
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ArgumentError(f"{name} must be a whole number {_range_text(low, high, False, False)}, got {value!r}")
+    return value
+
+
+def check_real(
+    name: str, value, low: float | None = None, high: float | None = None, low_open=False, high_open=False
+) -> float:
+    """``value`` as a ``float`` if it is a finite real number (not ``bool``, not text) in the given range.
+
+    ``low_open``/``high_open``: the bound itself is excluded (``check_real("lr", lr, 0, low_open=True)``: lr > 0).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = ": write it without quotes" if isinstance(value, str) else ""
+        raise ArgumentError(
+            f"{name} must be a number {_range_text(low, high, low_open, high_open)}, got {_describe(value)}{hint}"
+        )
+    x = float(value)
+    bad = not math.isfinite(x)
+    bad = bad or (low is not None and (x < low or (low_open and x == low)))
+    bad = bad or (high is not None and (x > high or (high_open and x == high)))
+    if bad:
+        raise ArgumentError(
+            f"{name} must be a finite number {_range_text(low, high, low_open, high_open)}, got {value!r}"
+        )
+    return x
+
+
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of ``choices`` (compared exactly: a misspelling is refused, never guessed)."""
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ArgumentError(f"{name} must be one of {choices}, got {_describe(value)}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is ``True`` or ``False`` (NumPy's too); the text ``"false"`` is refused, not read as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentError(f"{name} must be true or false, got {_describe(value)}")
+    return bool(value)
+
+
 def _threads_from_env() -> int | None:
     """``LORA_NUM_THREADS`` as a thread count, or None when it is unset or empty."""
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ValueError(
             f"{THREADS_ENV} must be a positive whole number of threads, got {value!r}: "
             f"unset it to let torch use every core, or set e.g. {THREADS_ENV}=2"
@@ -52,10 +124,9 @@ def set_seed(seed: int = 0, deterministic: bool = True, num_threads: int | None 
     """
     if num_threads is None:
         num_threads = _threads_from_env()
-    elif num_threads < 1:
-        raise ValueError(
-            f"num_threads must be at least 1 (or None to leave torch's thread count alone), got {num_threads!r}"
-        )
+    else:
+        num_threads = check_int("num_threads (None leaves torch's thread count alone)", num_threads, 1)
+    seed = check_int("seed", seed, 0, 2**32 - 1)  # NumPy's generator takes seeds below 2**32
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
@@ -138,6 +209,8 @@ def write_files_atomically(folder, files: dict, remove=()) -> Path:
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        _remove_orphans(folder, name)
     temporary = {}
     try:
         for name, data in files.items():
@@ -162,6 +235,20 @@ def write_files_atomically(folder, files: dict, remove=()) -> Path:
         if name not in files:
             (folder / name).unlink(missing_ok=True)
     return folder
+
+
+def _remove_orphans(folder: Path, name: str) -> None:
+    """Delete the temporary files of ``name`` left by a writer that died mid-write (``kill -9``, power loss)."""
+    for tmp in folder.glob(f".{name}.*.tmp"):
+        pid = tmp.name[len(name) + 2 :].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: does the writer still run?
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # it runs under another user: its file is not ours to remove
 
 
 class PeakMemory:

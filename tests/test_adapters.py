@@ -416,8 +416,8 @@ def rewrite_config(path, **changes):
     [
         (dict(r=None), r"missing \['r'\]"),
         (dict(target_modules=None), r"missing \['target_modules'\]"),
-        (dict(r="2"), "r must be an integer >= 1, got '2'"),
-        (dict(lora_alpha=-1), "lora_alpha must be a number > 0"),
+        (dict(r="2"), "r must be a whole number >= 1, got str '2'"),
+        (dict(lora_alpha=-1), "lora_alpha must be a finite number > 0"),
         (dict(target_modules="attn.q"), "target_modules must be a non-empty list"),
     ],
 )
