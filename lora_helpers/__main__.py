@@ -36,26 +36,36 @@ from .utils import machine_line, write_files_atomically
 PROFILE_OVERRIDES = ("n_train", "n_val", "n_test", "max_length", "epochs", "seed", "backbone")
 
 
-def _int_at_least(minimum: int):
+MAX_POSITIONS = 512  # DistilBERT's position embeddings: the longest review a backbone of the series reads
+MAX_SEED = 2**32 - 1  # NumPy's generator takes seeds below 2**32
+
+
+def _int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            within = f"in {minimum} .. {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {within}, got {value}")
         return value
 
     return parse
 
 
 def _max_length(text: str) -> int:
-    """Tokens per review: at least 3, [CLS] and [SEP] plus one token of the review (below that nothing truncates)."""
+    """Tokens per review: at least 3 ([CLS], [SEP] and one token of the review), at most the model's 512 positions."""
     value = _int_at_least(1)(text)
     if value < 3:
         raise argparse.ArgumentTypeError(
             f"{value} leaves no room for the review: the tokenizer adds [CLS] and [SEP] "
             "to each review, so use at least 3 (e.g. 128)"
+        )
+    if value > MAX_POSITIONS:
+        raise argparse.ArgumentTypeError(
+            f"{value} is longer than DistilBERT reads: it has {MAX_POSITIONS} position embeddings, "
+            f"so use at most {MAX_POSITIONS}"
         )
     return value
 
@@ -117,9 +127,11 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-val", type=_int_at_least(2), metavar="N", help="validation reviews, held out of the training split"
     )
     group.add_argument("--n-test", type=_size, metavar="N", help="test reviews, or 'all'")
-    group.add_argument("--max-length", type=_max_length, metavar="L", help="tokens per review after truncation (>= 3)")
+    group.add_argument(
+        "--max-length", type=_max_length, metavar="L", help=f"tokens per review after truncation (3 .. {MAX_POSITIONS})"
+    )
     group.add_argument("--epochs", type=_int_at_least(1), metavar="E")
-    group.add_argument("--seed", type=_int_at_least(0), metavar="S")
+    group.add_argument("--seed", type=_int_at_least(0, MAX_SEED), metavar="S")
     group.add_argument(
         "--backbone",
         metavar="NAME",
@@ -204,6 +216,15 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     profile = profile_from_args(args, parser)
     spec = method_spec(args.method, profile)
     out = Path(args.out or f"runs/{args.method}-{profile.name}.json")
+    if args.save_adapter:
+        from .adapters import CONFIG_NAME, WEIGHTS_NAME
+
+        folder = Path(args.save_adapter).resolve()
+        if out.resolve() in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+            parser.error(
+                f"--out {out} and --save-adapter {args.save_adapter} would overwrite each other "
+                f"(the adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}): give the metrics another name"
+            )
     check_output_paths(parser, files=[out], folders=[args.save_adapter] if args.save_adapter else [])
     print(f"== {spec.summary()}")
     print(profile.summary())
@@ -371,9 +392,17 @@ def _cmd_estimate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     profile = profile_from_args(args, parser)
     if args.notebook:
+        given = [flag for flag, value in (("--methods", args.methods), ("--seeds", args.seeds)) if value is not None]
+        given += ["--sweep"] if args.sweep else []
+        if given:
+            parser.error(
+                f"--notebook {args.notebook} estimates that notebook's own runs; {', '.join(given)} "
+                "shape a comparison's estimate: give one or the other"
+            )
         print_estimate(args.notebook, profile)
         return 0
-    plan = compare_plan(args.methods, args.seeds, args.sweep)
+    methods = args.methods or ["full", "lora", "lora-all", "head"]
+    plan = compare_plan(methods, 3 if args.seeds is None else args.seeds, args.sweep)
     print(profile.summary())
     print(
         f"{sum(n for _, n, _ in plan)} training runs ({', '.join(f'{m} x{n}' for m, n, _ in plan)})"
@@ -511,8 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
         "runs) from the model's shape, and estimate the time on a T4, an A100 and "
         "a 2-core CPU. Nothing is trained.",
     )
-    estimate.add_argument("--methods", nargs="+", choices=list(METHODS), default=["full", "lora", "lora-all", "head"])
-    estimate.add_argument("--seeds", type=_int_at_least(1), default=3, metavar="N")
+    estimate.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="methods of the comparison (default: full lora lora-all head)",
+    )
+    estimate.add_argument("--seeds", type=_int_at_least(1), metavar="N", help="seeds of the comparison (default: 3)")
     estimate.add_argument("--sweep", action="store_true", help="include compare's learning-rate sweep")
     estimate.add_argument("--notebook", choices=["03", "04", "05", "07"], help="estimate a notebook's runs instead")
     add_profile_arguments(estimate)

@@ -19,21 +19,15 @@ fine-tuning update low rank?) and used at length in notebook 05
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from .svd import energy_captured
+from .utils import ArgumentError, check_choice, check_int
 
 
 def _check_count(k, name: str, most: int, shape) -> int:
     """``k`` directions of a matrix of ``shape``: a whole number in [1, min(shape)] (no silent clipping)."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= most:
-        raise ValueError(
-            f"{name} must be a whole number in [1, {most}] (the number of singular directions of a "
-            f"{tuple(shape)} matrix), got {k!r}"
-        )
-    return int(k)
+    return check_int(name, k, 1, most, hint=f"singular directions of a {tuple(shape)} matrix")
 
 
 def _cpu64(M) -> torch.Tensor:
@@ -83,6 +77,9 @@ def top_directions(M: torch.Tensor, k: int | None = None, side: str = "right") -
     ``side="right"``: the row space (for LoRA's ``A``, r x d_in, this is what the
     paper compares); ``side="left"``: the column space (for ``B`` or a dW).
     """
+    side = check_choice("side", side, ("right", "left"))
+    if k is not None:
+        k = _check_count(k, "k", min(M.shape), M.shape)
     U, _, Vh = torch.linalg.svd(_cpu64(M), full_matrices=False)
     cols = Vh.T if side == "right" else U
     return cols if k is None else cols[:, :k]
@@ -100,7 +97,8 @@ def subspace_similarity_grid(
     U1: torch.Tensor, U2: torch.Tensor, max_i: int | None = None, max_j: int | None = None
 ) -> torch.Tensor:
     """phi(i, j) for all i <= max_i, j <= max_j, as a matrix (rows i-1, columns j-1) for a heatmap."""
-    max_i, max_j = max_i or U1.shape[1], max_j or U2.shape[1]
+    max_i = U1.shape[1] if max_i is None else check_int("max_i", max_i, 1, U1.shape[1])
+    max_j = U2.shape[1] if max_j is None else check_int("max_j", max_j, 1, U2.shape[1])
     overlap2 = (_cpu64(U1[:, :max_i]).T @ _cpu64(U2[:, :max_j])).square()
     cumulative = overlap2.cumsum(0).cumsum(1)  # entry (i-1, j-1) = ||U1_i^T U2_j||_F^2
     i = torch.arange(1, max_i + 1).unsqueeze(1)
@@ -143,9 +141,12 @@ def amplification(W: torch.Tensor, dW: torch.Tensor, r: int, seed: int = 0, n_ra
     if tuple(W.shape) != tuple(dW.shape) or W.ndim != 2:
         raise ValueError(f"W and dW must be matrices of the same shape, got {tuple(W.shape)} and {tuple(dW.shape)}")
     r = _check_count(r, "r", min(W.shape), W.shape)
-    if isinstance(n_random, bool) or not isinstance(n_random, numbers.Integral) or n_random < 1:
-        raise ValueError(f"n_random must be a whole number >= 1 (random subspace pairs to average), got {n_random!r}")
+    check_int("n_random", n_random, 1, hint="random subspace pairs to average")
     W, dW = _cpu64(W), _cpu64(dW)
+    if not (torch.isfinite(W).all() and torch.isfinite(dW).all()):
+        raise ArgumentError("W and dW must be finite (inf or nan in a weight: a diverged run?)")
+    if not float(W.norm()) > 0:
+        raise ArgumentError("W is zero: the amplification of W's directions is undefined (pass the pretrained weight)")
     d_out, d_in = W.shape
 
     def projected(U, V):

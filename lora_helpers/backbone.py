@@ -212,6 +212,20 @@ def _load(path_or_name, num_labels: int, seed: int, **kwargs):
     return model.eval(), tokenizer
 
 
+def _check_distilbert_folder(folder: Path) -> None:
+    """A backbone folder must hold a saved DistilBERT (``config.json`` with ``model_type`` ``distilbert``)."""
+    from .adapters import read_json_file
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: a backbone folder is a saved DistilBERT (save_pretrained)")
+    kind = read_json_file(folder / "config.json", "model config").get("model_type")
+    if kind != "distilbert":
+        raise ValueError(
+            f"{folder} holds a {kind!r} model; the series' backbones are DistilBERT (model_type 'distilbert'): "
+            f"use one of {BACKBONES} or a folder with a saved DistilBERT"
+        )
+
+
 def _hub_offline_reason() -> str | None:
     """None when the Hub may and can be used, else why not, in words."""
     var = offline_env_var()
@@ -268,6 +282,7 @@ def load_backbone(name="auto", num_labels=2, seed=0, verbose=True):
             model, tokenizer, description = _load_standin(num_labels, seed)
             description = description.replace(STANDIN, f"{STANDIN} (offline stand-in: {DISTILBERT} {why})", 1)
     elif Path(str(name)).is_dir():
+        _check_distilbert_folder(Path(name))
         model, tokenizer = _load(Path(name), num_labels, seed)
         description = f"{name} (local folder)"
     else:

@@ -21,7 +21,6 @@ A copy kept anywhere else is configuration: point ``LORA_IMDB_DIR`` at it.
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 import socket
@@ -32,6 +31,8 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+from .utils import check_int
 
 # Module-level so that tests (or you) can point them elsewhere.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,13 @@ def _read_acl_split(split_dir: Path) -> pd.DataFrame:
                 "per .txt file in train/pos, train/neg, test/pos and test/neg."
             )
         for f in files:
-            rows.append((f.read_text(encoding="utf-8"), label))
+            try:
+                rows.append((f.read_text(encoding="utf-8"), label))
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{f} is not UTF-8 text (byte {err.start}: {err.reason}); IMDb's reviews are UTF-8. "
+                    "Convert it, e.g. iconv -f latin1 -t utf-8, or remove it"
+                ) from None
     return pd.DataFrame(rows, columns=["text", "label"])
 
 
@@ -212,15 +219,7 @@ def describe_imdb(ds: DatasetDict) -> str:
 
 def _check_size(n, name: str):
     """``None`` or a whole number >= 1 (NumPy integers too); anything else is a clear error."""
-    if n is None:
-        return None
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(
-            f"{name} must be a whole number of reviews >= 1, or None for the whole split; got {type(n).__name__} {n!r}"
-        )
-    if n < 1:
-        raise ValueError(f"{name} must be a whole number of reviews >= 1, or None for the whole split; got {n}")
-    return int(n)
+    return None if n is None else check_int(name, n, 1, hint="reviews; None: the whole split")
 
 
 def load_imdb(n_train=None, n_test=None, seed=0, data_dir=None, clean=True, verbose=True) -> DatasetDict:

@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch.nn as nn
 from .loop import train
 from .lora import apply_lora, count_parameters, mark_only_lora_trainable
 from .methods import HEAD_MODULES
+from .utils import ArgumentError, check_choice, check_int, check_real
 
 MODELS = ("standin", "tiny")
 
@@ -191,12 +193,17 @@ def run_data_parallel(
     data-parallel and the single-process parameters after training, the largest parameter
     change (``max_update``) for scale, each process's share of a batch, the losses and seconds.
     """
-    if kind not in MODELS:
-        raise ValueError(f"unknown model {kind!r}: choose one of {MODELS}")
-    if world_size < 1 or steps < 1:
-        raise ValueError(f"need world_size >= 1 and steps >= 1, got {world_size} and {steps}")
+    check_choice("kind", kind, MODELS)
+    check_int("world_size", world_size, 1)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1, hint="the global batch")
+    check_real("lr", lr, 0, None, True)
     if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} must split evenly over {world_size} processes")
+        raise ArgumentError(
+            f"batch_size {batch_size} must split evenly over {world_size} processes (e.g. {world_size * 8})"
+        )
+    model = build_model(kind)  # checked here, in this process: a worker's error would come back as a traceback
+    check_int("max_length", max_length, 3, model.config.max_position_embeddings, hint=f"the {kind} model's positions")
     batches = global_batches(kind, steps, batch_size, max_length)
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
@@ -219,7 +226,6 @@ def run_data_parallel(
         saved = torch.load(Path(out_dir) / "ddp_state.pt")
         ddp_state, ddp_grads = saved["state"], saved["first_grads"]
         log = json.loads((Path(out_dir) / "ddp.json").read_text())
-    model = build_model(kind)
     initial = _trainable_state(model)
     grads = _first_gradients(model, model, batches[0])
     start = time.perf_counter()
@@ -264,9 +270,20 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--model", choices=MODELS, default="standin")
     args = parser.parse_args(argv)
-    if args.nproc < 1 or args.steps < 1:
-        parser.error("--nproc and --steps must be at least 1")
-    out = run_data_parallel(args.nproc, args.steps, args.batch_size, args.max_length, kind=args.model)
+    for flag, value in (("--nproc", args.nproc), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.batch_size % args.nproc:
+        parser.error(f"--batch-size {args.batch_size} must split evenly over --nproc {args.nproc} processes")
+    positions = 64 if args.model == "tiny" else 512
+    if not 3 <= args.max_length <= positions:
+        parser.error(f"--max-length must be in 3 .. {positions} for --model {args.model}, got {args.max_length}")
+    try:
+        out = run_data_parallel(args.nproc, args.steps, args.batch_size, args.max_length, kind=args.model)
+    except (ValueError, OSError, TimeoutError, mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        print(f"error: {last}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in out.items() if not k.startswith("losses")}, indent=1))
     return 0
 

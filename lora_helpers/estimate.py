@@ -42,6 +42,7 @@ from transformers import DistilBertConfig
 
 from .lora import lora_parameters
 from .methods import ALL_BLOCK_LINEARS, method_spec
+from .utils import check_int
 
 # The two backbones of the series, by shape only (no weights needed to count FLOPs).
 SHAPES = {
@@ -100,6 +101,8 @@ def _shape(profile):
 
 def forward_parts(config, seq_len: int, num_labels: int = 2) -> tuple[int, int]:
     """FLOPs of one forward pass over one sequence: (products with weights, attention products)."""
+    check_int("seq_len (max_length)", seq_len, 1, getattr(config, "max_position_embeddings", None))
+    check_int("num_labels", num_labels, 1)
     d, f, s = config.dim, config.hidden_dim, seq_len
     weights = config.n_layers * (8 * s * d * d + 4 * s * d * f) + 2 * d * d + 2 * d * num_labels
     attention = config.n_layers * 4 * s * s * d

@@ -13,7 +13,6 @@ training run of any method) and ``python -m lora_helpers`` use it.
 
 from __future__ import annotations
 
-import numbers
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.std import tqdm
 
-from .utils import PeakMemory, get_device
+from .utils import ArgumentError, PeakMemory, check_int, check_real, get_device
 
 # ------------------------------------------------------------------ batching
 
@@ -34,23 +33,45 @@ def check_max_length(tokenizer, max_length) -> None:
     Below that the tokenizer cannot truncate and returns the whole review (hundreds of tokens).
     """
     special = tokenizer.num_special_tokens_to_add(pair=False) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
-    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length <= special:
-        raise ValueError(
-            f"max_length must be a whole number >= {special + 1}, got {max_length!r}: the tokenizer adds "
-            f"{special} special tokens to each text and needs room for one token of the text (e.g. 128)"
+    try:
+        check_int("max_length", max_length, special + 1)
+    except ArgumentError as err:
+        raise ArgumentError(
+            f"{err}: the tokenizer adds {special} special tokens to each text and needs room for one token "
+            "of the text (e.g. 128)"
+        ) from None
+
+
+def check_positions(model: nn.Module, length: int, what: str = "max_length") -> None:
+    """A sequence of ``length`` tokens must fit the model's position embeddings (DistilBERT: 512)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise ArgumentError(
+            f"{what} is {length} tokens, but {type(model).__name__} has position embeddings for {positions}: "
+            f"use a max_length of at most {positions}"
         )
+
+
+def check_texts(texts) -> list[str]:
+    """``texts`` as a list of non-empty strings: an empty review would train or score on nothing but [CLS] [SEP]."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ArgumentError(f"texts must be strings; item {i} is a {type(t).__name__}")
+        if not t.strip():
+            raise ArgumentError(f"text {i} is empty: every review needs some text (drop the empty ones first)")
+    return texts
 
 
 def encode(texts, tokenizer, max_length: int) -> list[list[int]]:
     """Token ids of each text, truncated to ``max_length`` (no padding yet)."""
     check_max_length(tokenizer, max_length)
-    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return tokenizer(check_texts(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
 def make_batches(input_ids, labels, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0):
     """A list of batches, each padded only to its own longest review (dynamic padding)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if len(input_ids) != len(labels):
         raise ValueError(f"{len(input_ids)} token lists but {len(labels)} labels: one label per review")
     order = (
@@ -142,6 +163,11 @@ def train_step(model: nn.Module, batch: dict, optimizer, scaler, params, max_gra
     batch = {k: v.to(device) for k, v in batch.items()}
     with _autocast(device):
         loss = model(**batch).loss
+    if not torch.isfinite(loss):  # before the step: the weights are still those that gave a finite loss before
+        raise FloatingPointError(
+            f"the training loss is {loss.item()} (not finite): the run diverged. Try a smaller learning rate "
+            "(notebook 04's sweep), and check the data; the model may already hold inf or nan, start from a fresh one"
+        )
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -173,12 +199,22 @@ def train(
     own. Evaluation runs every ``eval_every`` steps and after the last step (or, without
     ``eval_every``, after every epoch); each entry of ``result.evals`` records its ``step``.
     """
-    device = get_device() if device is None else torch.device(device)
-    model.to(device)
     if (lr is None) == (param_groups is None):
         raise ValueError("give exactly one of lr= (one rate for every trainable parameter) or param_groups=")
     if param_groups is None:
         param_groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    for g in param_groups:  # a negative rate would climb the loss, nan would poison every weight
+        check_real(f"the learning rate of group {g.get('name', '')!r}".replace(" ''", ""), g.get("lr"), 0, None, True)
+    check_int("epochs", epochs, 1)
+    if eval_every is not None:
+        check_int("eval_every", eval_every, 1, hint="steps between evaluations; None: once per epoch")
+    check_real("warmup_ratio", warmup_ratio, 0, 1, False, True)
+    check_real("weight_decay", weight_decay, 0)
+    check_real("max_grad_norm", max_grad_norm, 0, None, True)
+    for batch in train_batches:
+        check_positions(model, batch["input_ids"].shape[-1], "a training batch")
+    device = get_device() if device is None else torch.device(device)
+    model.to(device)
     params = [p for g in param_groups for p in g["params"]]
     if not params:
         raise ValueError("no trainable parameters: use mark_only_lora_trainable / freeze_all_except first")
@@ -186,8 +222,6 @@ def train(
         raise ValueError(
             "train_batches is empty: nothing to train on (no training reviews? a batch list built from an empty split?)"
         )
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
-        raise ValueError(f"epochs must be a whole number >= 1, got {epochs!r}")
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     total = epochs * len(train_batches)
     warmup = max(1, int(warmup_ratio * total))
@@ -278,11 +312,9 @@ def predict(model: nn.Module, tokenizer, texts, max_length: int = 256, device=No
     ``texts``: a list of strings, or one string (one review, one prediction); an empty
     list gives an empty list.
     """
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"texts must be strings; item {bad[0]} is a {type(texts[bad[0]]).__name__}")
+    texts = check_texts(texts)
     check_max_length(tokenizer, max_length)
+    check_positions(model, max_length)
     if not texts:
         return []
     device = get_device() if device is None else torch.device(device)

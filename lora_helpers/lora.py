@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .utils import check_int, check_real
+
 
 class LoRALinear(nn.Module):
     """Wrap a frozen ``nn.Linear`` with a trainable rank-``r`` update ``scaling * B @ A``.
@@ -239,24 +241,12 @@ def _check_lora_args(base, r, lora_alpha, lora_dropout) -> tuple[int, float, flo
     if not isinstance(base, nn.Linear):
         raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
     max_r = min(base.in_features, base.out_features)
-    # numbers.Integral admits NumPy integers (np.int64(4)); bool is not a rank, nor is 2.0
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= max_r:
-        raise ValueError(
-            f"r must be an int in [1, min(in_features, out_features)] = [1, {max_r}] "
-            f"for a {base.in_features}->{base.out_features} layer, got {r!r}"
-        )
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-        raise TypeError(
-            f"lora_alpha must be > 0, a number (scaling = lora_alpha / r), got "
-            f"{type(lora_alpha).__name__} {lora_alpha!r}"
-            + (": write it without quotes" if isinstance(lora_alpha, str) else "")
-        )
-    if not (math.isfinite(lora_alpha) and lora_alpha > 0):
-        raise ValueError(f"lora_alpha must be > 0 and finite (scaling = lora_alpha / r), got {lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1), a number, got {lora_dropout!r}")
+    where = f"at most min(in_features, out_features) for a {base.in_features}->{base.out_features} layer"
+    r = check_int("r", r, 1, max_r, hint=where)  # NumPy integers are ranks too; bool and 2.0 are not
+    check_real("lora_alpha", lora_alpha, 0, None, True, hint="scaling = lora_alpha / r")
+    lora_dropout = check_real("lora_dropout", lora_dropout, 0, 1, False, True)
     alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
-    return int(r), alpha, float(lora_dropout)
+    return r, alpha, lora_dropout
 
 
 def lora_parameters(shapes, r: int) -> int:
@@ -265,7 +255,11 @@ def lora_parameters(shapes, r: int) -> int:
     ``A`` is ``r x d_in`` and ``B`` is ``d_out x r``: ``r (d_in + d_out)`` per matrix, against
     ``d_in d_out`` for the matrix itself (notebook 02). The one count every table uses.
     """
-    return sum(r * (d_in + d_out) for d_in, d_out in shapes)
+    r = check_int("r", r, 1)
+    total = 0
+    for d_in, d_out in shapes:
+        total += r * (check_int("d_in", d_in, 1) + check_int("d_out", d_out, 1))
+    return total
 
 
 # ---------------------------------------------------------------- an init variant: PiSSA (notebook 05)

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from .lora import lora_parameters
 from .quant import bits_per_weight
+from .utils import check_choice, check_int, check_real
 
 MiB, GiB = 2**20, 2**30
 
@@ -86,10 +87,11 @@ def training_memory_formula(
     AdamW also keeps one step counter per parameter tensor (4 bytes each), left out
     here. Activations are not included: see ``ACTIVATIONS_NOTE``.
     """
-    if not 0 <= n_trainable <= n_params_total:
-        raise ValueError(f"need 0 <= n_trainable <= n_params_total, got {n_trainable:,} and {n_params_total:,}")
-    grad_bytes = bytes_per_param if grad_bytes is None else grad_bytes
-    state_bytes = bytes_per_param if state_bytes is None else state_bytes
+    n_params_total = check_int("n_params_total", n_params_total, 0)
+    check_int("n_trainable", n_trainable, 0, n_params_total, hint="at most n_params_total")
+    check_int("bytes_per_param", bytes_per_param, 1)
+    grad_bytes = bytes_per_param if grad_bytes is None else check_int("grad_bytes", grad_bytes, 1)
+    state_bytes = bytes_per_param if state_bytes is None else check_int("state_bytes", state_bytes, 1)
     out = {
         "weights": n_params_total * bytes_per_param,
         "gradients": n_trainable * grad_bytes,
@@ -270,7 +272,7 @@ class PaperModel:
         """LoRA's trainable parameters at rank ``r`` on ``matrices`` of every block (``"all"``: every linear layer),
         plus the model's new head if it has one."""
         shapes = self.linear_shapes()
-        names = list(shapes) if matrices == "all" else list(matrices)
+        names = list(shapes) if matrices == "all" else [matrices] if isinstance(matrices, str) else list(matrices)
         unknown = sorted(set(names) - set(shapes))
         if unknown:
             raise ValueError(f"{self.name} has no {unknown} in its blocks: choose from {list(shapes)} or 'all'")
@@ -444,8 +446,11 @@ def activation_bytes(
 
     Returns ``{"blocks", "outside", "logits", "kept", "peak"}`` in bytes.
     """
-    if attention not in ("fused", "eager"):
-        raise ValueError(f"attention must be 'fused' or 'eager', got {attention!r}")
+    check_choice("attention", attention, ("fused", "eager"))
+    check_int("seq_len", seq_len, 1)
+    check_int("batch", batch, 1)
+    check_int("bytes_per_value", bytes_per_value, 1)
+    check_int("mask_bytes", mask_bytes, 0)
     p, d, T = bytes_per_value, model.d_model, seq_len * batch
     td = T * d
     n_mlp = 2 if model.mlp == "gelu" else 4
@@ -501,6 +506,18 @@ def fits_table(
     and the allocator's slack; temporary buffers (the 16-bit logits during the loss among them)
     come on top of the table.
     """
+    models = [models] if isinstance(models, str) else list(models)
+    recipes = [recipes] if isinstance(recipes, str) else list(recipes)
+    gpus_gb = [gpus_gb] if isinstance(gpus_gb, (int, float)) else list(gpus_gb)
+    for key in models:
+        check_choice("model", key, PAPER_MODELS)
+    for recipe in recipes:
+        check_choice("recipe", recipe, LORA_RECIPES)
+    for g in gpus_gb:
+        check_real("a GPU's memory", g, 0, None, True, hint="GB")
+    check_int("seq_len", seq_len, 1)
+    check_int("batch", batch, 1)
+    check_real("reserve_gib", reserve_gib, 0)
     mixed = PRECISIONS["mixed"][1]
     rows = []
     for key in models:

@@ -26,7 +26,6 @@ Introduced in notebook 06 (``06_adapters_in_practice.ipynb``).
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from collections.abc import Iterable
@@ -36,9 +35,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .adapters import read_json_file, read_safetensors_file
-from .lora import _matches, _name_list, apply_lora, linear_names, lora_layers, mark_only_lora_trainable
-from .utils import check_can_write, write_files_atomically
+from .adapters import _problem, read_json_file, read_safetensors_file, tensor_problems
+from .lora import _matches, _name_list, linear_names, lora_layers, mark_only_lora_trainable, wrap_layers
+from .utils import check_bool, check_can_write, check_int, check_real, write_files_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -287,18 +286,15 @@ def read_peft_adapter(source, adapter_name: str = "default") -> tuple[dict, dict
 
 
 def _lora_numbers(config: dict) -> list[str]:
-    """Problems with ``r``, ``lora_alpha``, ``lora_dropout`` of a LoRA config (missing or of the wrong type)."""
-    problems = []
-    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(f"r must be an integer >= 1, got {'nothing' if 'r' not in config else repr(r)}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-        problems.append(
-            f"lora_alpha must be a number > 0, got {'nothing' if 'lora_alpha' not in config else repr(alpha)}"
-        )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        problems.append(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
-    return problems
+    """Problems with ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` of a LoRA config (missing or ill-typed)."""
+    problems = [f"{key} is missing" for key in ("r", "lora_alpha") if key not in config]
+    problems += [
+        _problem(check_int, "r", config.get("r", 1), 1),
+        _problem(check_real, "lora_alpha", config.get("lora_alpha", 1), 0, None, True),
+        _problem(check_real, "lora_dropout", config.get("lora_dropout", 0.0), 0, 1, False, True),
+        _problem(check_bool, "use_rslora", config.get("use_rslora", False)),
+    ]
+    return [p for p in problems if p]
 
 
 def import_from_peft(model: nn.Module, source, adapter_name: str = "default") -> nn.Module:
@@ -339,6 +335,8 @@ def import_from_peft(model: nn.Module, source, adapter_name: str = "default") ->
     lora, heads, modules = {}, {}, dict(model.named_modules())
     state = model.state_dict()
     pattern = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")
+    saved = config.get("modules_to_save") or []
+    saved = [saved] if isinstance(saved, str) else list(saved)
     for key, t in tensors.items():
         short = key.removeprefix(PREFIX)
         m = pattern.fullmatch(short)
@@ -346,12 +344,18 @@ def import_from_peft(model: nn.Module, source, adapter_name: str = "default") ->
             lora.setdefault(m.group(1), {})[m.group(2)] = t
         elif ".lora_" in short:
             problems.append(f"{key}: a LoRA tensor of a kind LoRALinear has not (only lora_A/lora_B on nn.Linear)")
+        elif not _matches(short.rpartition(".")[0], saved):
+            problems.append(
+                f"{key}: not a LoRA tensor, and its module is not in the config's modules_to_save {sorted(saved)} "
+                "(an undeclared tensor would overwrite a base weight)"
+            )
         elif short not in state:
             problems.append(f"{key}: its module is not in {type(model).__name__} (no parameter {short!r})")
         elif tuple(state[short].shape) != tuple(t.shape):
             problems.append(f"{key}: shape {tuple(t.shape)} in the adapter, {tuple(state[short].shape)} in the model")
         else:
             heads[short] = t
+    problems += tensor_problems(tensors)
     if not lora:
         problems.append("the adapter holds no lora_A/lora_B tensors")
     absent = sorted(n for n in lora if n not in modules)
@@ -378,7 +382,7 @@ def import_from_peft(model: nn.Module, source, adapter_name: str = "default") ->
     if problems:
         raise ValueError("this PEFT adapter does not fit the model:\n  - " + "\n  - ".join(problems[:10]))
 
-    apply_lora(
+    wrap_layers(  # the exact layers the tensors name
         model,
         sorted(lora),
         r=r,

@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .utils import ArgumentError, check_int
+
 BLOCK_SIZE = 64  # weights per absmax constant (QLoRA's first quantisation)
 DQ_BLOCK_SIZE = 256  # absmax constants per second-level constant (double quantisation)
 # Where the outermost quantile sits: bitsandbytes' create_normal_map(offset=0.9677083), which QLoRA's code book
@@ -62,6 +64,9 @@ def int4_code_book() -> torch.Tensor:
 
 def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """``x`` flattened into rows of ``block_size`` (the last block padded with zeros)."""
+    block_size = check_int("block_size", block_size, 1)
+    if x.numel() == 0:
+        raise ArgumentError(f"nothing to quantise: the tensor is empty (shape {tuple(x.shape)})")
     flat = x.detach().reshape(-1).float()
     pad = (-flat.numel()) % block_size
     return F.pad(flat, (0, pad)).view(-1, block_size)
@@ -95,6 +100,16 @@ def dequantize_blockwise(
 ) -> torch.Tensor:
     """The values that ``codes`` and ``absmax`` stand for, reshaped to ``shape``: ``code_book[code] * absmax``."""
     book = (nf4_code_book() if code_book is None else code_book).to(absmax.device, torch.float32)
+    if absmax.numel() == 0 or codes.numel() % absmax.numel():
+        raise ArgumentError(
+            f"codes ({codes.numel()}) must be a whole number of blocks, one absmax each ({absmax.numel()} given)"
+        )
+    if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < len(book):
+        raise ArgumentError(
+            f"codes index a code book of {len(book)} values: 0..{len(book) - 1}, got a {int(codes.max())}"
+        )
+    if math.prod(shape) > codes.numel():
+        raise ArgumentError(f"shape {tuple(shape)} needs {math.prod(shape)} values, the codes hold {codes.numel()}")
     block_size = codes.numel() // absmax.numel()
     values = book[codes.int()].view(-1, block_size) * absmax[:, None]
     return values.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
@@ -147,6 +162,8 @@ def bits_per_weight(
     bits); with it one 8-bit constant per block and one fp32 constant per
     ``dq_block_size`` blocks (8/64 + 32/(64 * 256) = 0.127 bits). QLoRA, Section 3.
     """
+    check_int("block_size", block_size, 1)
+    check_int("dq_block_size", dq_block_size, 1)
     if double_quant:
         return 4 + 8 / block_size + 32 / (block_size * dq_block_size)
     return 4 + 32 / block_size
@@ -185,7 +202,7 @@ class NF4Linear(nn.Linear):
         self, in_features: int, out_features: int, bias: bool = True, device=None, block_size: int = BLOCK_SIZE
     ):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no fp32 weight to create
-        if block_size < 2 or block_size % 2:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
             raise ValueError(f"block_size must be an even number >= 2 (two 4-bit codes per byte), got {block_size}")
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
         n_blocks = math.ceil(in_features * out_features / block_size)

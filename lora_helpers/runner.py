@@ -65,9 +65,17 @@ def load_splits(profile, verbose: bool = True) -> DatasetDict:
     from .data import describe_imdb, load_imdb
 
     n_train = None if profile.n_train is None else profile.n_train + profile.n_val
-    data = split_validation(
-        load_imdb(n_train, profile.n_test, seed=profile.seed, verbose=False), profile.n_val, profile.seed
-    )
+    try:
+        data = load_imdb(n_train, profile.n_test, seed=profile.seed, verbose=False)
+    except ValueError as err:
+        if n_train is None or "n_train=" not in str(err):
+            raise
+        raise ValueError(
+            f"the training split must supply n_train ({profile.n_train:,}) + n_val ({profile.n_val:,}) = "
+            f"{n_train:,} reviews: {str(err).replace(f'n_train={n_train} asks', 'that asks')} "
+            "Lower n_train or n_val"
+        ) from None
+    data = split_validation(data, profile.n_val, profile.seed)
     if verbose:
         print(describe_imdb(data))
     return data

@@ -10,11 +10,11 @@ matrix's own device, so ``W - low_rank_approx(W, r)`` works for a GPU weight.
 
 from __future__ import annotations
 
-import numbers
-
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from .utils import ArgumentError, check_int
 
 
 def _as_matrix(W) -> torch.Tensor:
@@ -33,9 +33,8 @@ def _cpu_float64(S) -> torch.Tensor:
 
 
 def _check_rank(r: int, W: torch.Tensor) -> None:
-    # numbers.Integral also admits NumPy integers (e.g. a rank found with np.searchsorted); bool is not a rank.
-    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or not 1 <= r <= min(W.shape):
-        raise ValueError(f"rank r must be an int in [1, {min(W.shape)}] for a {tuple(W.shape)} matrix, got {r!r}")
+    # NumPy integers are ranks too (e.g. one found with np.searchsorted); bool and 2.0 are not.
+    check_int("rank r", r, 1, min(W.shape), hint=f"for a {tuple(W.shape)} matrix")
 
 
 def truncated_svd(W, r: int):
@@ -66,6 +65,11 @@ def energy_captured(S) -> torch.Tensor:
     ``energy_captured(S)[k - 1] == ||low_rank_approx(W, k)||_F^2 / ||W||_F^2``.
     """
     S = _cpu_float64(S)
+    if S.numel() == 0 or not torch.isfinite(S).all() or not float(S.abs().max()) > 0:
+        raise ArgumentError(
+            f"energy_captured needs finite singular values, not all zero (a zero matrix has no energy to share), "
+            f"got {S.numel()} values" + (f" with largest {float(S.abs().max()):g}" if S.numel() else "")
+        )
     energy = S.square().cumsum(0)
     return energy / energy[-1]
 

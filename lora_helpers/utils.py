@@ -31,8 +31,9 @@ class ArgumentError(ValueError, TypeError):
     """A bad argument: a ``ValueError`` (and a ``TypeError``, for a value of the wrong kind) that names it."""
 
 
-def _describe(value) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, numbers.Real) else repr(value)
+def _kind(value) -> str:
+    """A value of the wrong kind, as ``type value`` (``str '16'``, ``float 2.0``)."""
+    return f"{type(value).__name__} {value!r}"
 
 
 def _range_text(low, high, low_open: bool, high_open: bool) -> str:
@@ -42,41 +43,51 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
         return f"{'>' if low_open else '>='} {low:g}"
     if high is not None:
         return f"{'<' if high_open else '<='} {high:g}"
-    return "finite"
+    return ""
 
 
-def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as an ``int`` if it is a whole number (NumPy's too; not ``bool``, not ``2.0``) in ``[low, high]``."""
+def _refuse(name: str, kind: str, where: str, hint: str, got: str) -> ArgumentError:
+    wanted = " ".join(x for x in (kind, where) if x)
+    return ArgumentError(f"{name} must be {wanted}{f' ({hint})' if hint else ''}, got {got}")
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None, hint: str = "") -> int:
+    """``value`` as an ``int`` if it is a whole number (NumPy's too; not ``bool``, not ``2.0``) in ``[low, high]``.
+
+    ``hint``: what the number is, for the message (``"r must be a whole number in [1, 8] (...), got 9"``).
+    """
+    where = _range_text(low, high, False, False)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ArgumentError(
-            f"{name} must be a whole number {_range_text(low, high, False, False)}, got {_describe(value)}"
-        )
+        raise _refuse(name, "a whole number", where, hint, _kind(value))
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ArgumentError(f"{name} must be a whole number {_range_text(low, high, False, False)}, got {value!r}")
+        raise _refuse(name, "a whole number", where, hint, repr(value))
     return value
 
 
 def check_real(
-    name: str, value, low: float | None = None, high: float | None = None, low_open=False, high_open=False
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
 ) -> float:
     """``value`` as a ``float`` if it is a finite real number (not ``bool``, not text) in the given range.
 
     ``low_open``/``high_open``: the bound itself is excluded (``check_real("lr", lr, 0, low_open=True)``: lr > 0).
     """
+    where = _range_text(low, high, low_open, high_open)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = ": write it without quotes" if isinstance(value, str) else ""
-        raise ArgumentError(
-            f"{name} must be a number {_range_text(low, high, low_open, high_open)}, got {_describe(value)}{hint}"
-        )
+        unquote = ": write it without quotes" if isinstance(value, str) else ""
+        raise _refuse(name, "a number", where, hint, _kind(value) + unquote)
     x = float(value)
     bad = not math.isfinite(x)
     bad = bad or (low is not None and (x < low or (low_open and x == low)))
     bad = bad or (high is not None and (x > high or (high_open and x == high)))
     if bad:
-        raise ArgumentError(
-            f"{name} must be a finite number {_range_text(low, high, low_open, high_open)}, got {value!r}"
-        )
+        raise _refuse(name, "a finite number", where, hint, repr(value))
     return x
 
 
@@ -84,14 +95,14 @@ def check_choice(name: str, value, choices) -> str:
     """``value`` if it is one of ``choices`` (compared exactly: a misspelling is refused, never guessed)."""
     choices = list(choices)
     if not isinstance(value, str) or value not in choices:
-        raise ArgumentError(f"{name} must be one of {choices}, got {_describe(value)}")
+        raise ArgumentError(f"{name} must be one of {choices}, got {_kind(value)}")
     return value
 
 
 def check_bool(name: str, value) -> bool:
     """``value`` if it is ``True`` or ``False`` (NumPy's too); the text ``"false"`` is refused, not read as true."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ArgumentError(f"{name} must be true or false, got {_describe(value)}")
+        raise ArgumentError(f"{name} must be true or false, got {_kind(value)}")
     return bool(value)
 
 
@@ -125,8 +136,8 @@ def set_seed(seed: int = 0, deterministic: bool = True, num_threads: int | None 
     if num_threads is None:
         num_threads = _threads_from_env()
     else:
-        num_threads = check_int("num_threads (None leaves torch's thread count alone)", num_threads, 1)
-    seed = check_int("seed", seed, 0, 2**32 - 1)  # NumPy's generator takes seeds below 2**32
+        num_threads = check_int("num_threads", num_threads, 1, hint="None leaves torch's thread count alone")
+    seed = check_int("seed", seed, 0, 2**32 - 1, hint="NumPy's generator takes seeds below 2**32")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA

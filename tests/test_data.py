@@ -148,7 +148,7 @@ def test_hub_reachable_honours_offline(monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(n_train=0), ValueError, "n_train must be a whole number of reviews >= 1, or None .* got 0"),
+        (dict(n_train=0), ValueError, r"n_train must be a whole number >= 1 \(reviews; None: the whole split\), got 0"),
         (dict(n_train=-2), ValueError, "n_train must be a whole number .* got -2"),
         (dict(n_test=0), ValueError, "n_test must be a whole number .* got 0"),
         (dict(n_train=10.5), TypeError, "n_train must be a whole number .* got float 10.5"),

@@ -304,14 +304,14 @@ def test_apply_lora_empty_targets():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(r=0), r"r must be an int in .* = \[1, 8\]"),
-        (dict(r=9), r"r must be an int in .* = \[1, 8\]"),
-        (dict(r=2.0), r"r must be an int"),
-        (dict(r=True), r"r must be an int"),
-        (dict(lora_alpha=0), r"lora_alpha must be > 0"),
-        (dict(lora_alpha=-1.0), r"lora_alpha must be > 0"),
-        (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
-        (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
+        (dict(r=0), r"r must be a whole number in \[1, 8\] \(at most min\(in_features, out_features\) for a"),
+        (dict(r=9), r"r must be a whole number in \[1, 8\] .*, got 9"),
+        (dict(r=2.0), r"r must be a whole number .* got float 2.0"),
+        (dict(r=True), r"r must be a whole number .* got bool True"),
+        (dict(lora_alpha=0), r"lora_alpha must be a finite number > 0 \(scaling = lora_alpha / r\)"),
+        (dict(lora_alpha=-1.0), r"lora_alpha must be a finite number > 0"),
+        (dict(lora_dropout=1.0), r"lora_dropout must be a finite number in \[0, 1\)"),
+        (dict(lora_dropout=-0.1), r"lora_dropout must be a finite number in \[0, 1\)"),
     ],
 )
 def test_bad_arguments_say_what_is_valid(kwargs, match):
@@ -535,10 +535,10 @@ def test_a_state_dict_saved_without_the_flags_still_loads_strictly_as_unmerged()
 def test_non_finite_lora_alpha_is_refused(alpha):
     net = make_net()
     before = snapshot(net)
-    with pytest.raises(ValueError, match="lora_alpha must be > 0 and finite"):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
         apply_lora(net, "q", r=2, lora_alpha=alpha)
     assert_same(before, snapshot(net))
-    with pytest.raises(ValueError, match="lora_alpha must be > 0 and finite"):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
         LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=alpha)
 
 
@@ -554,9 +554,9 @@ def test_numpy_numbers_are_accepted_as_plain_python_numbers():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(lora_alpha="16"), TypeError, "lora_alpha must be > 0, a number .* str '16': write it without quotes"),
-        (dict(lora_alpha=None), TypeError, "lora_alpha must be > 0, a number"),
-        (dict(lora_dropout="0.1"), ValueError, r"lora_dropout must be in \[0, 1\), a number, got '0.1'"),
+        (dict(lora_alpha="16"), TypeError, "lora_alpha must be a number > 0 .* str '16': write it without quotes"),
+        (dict(lora_alpha=None), TypeError, "lora_alpha must be a number > 0"),
+        (dict(lora_dropout="0.1"), ValueError, r"lora_dropout must be a number in \[0, 1\), got str '0.1'"),
         (dict(target_modules=None), TypeError, r"target_modules must be a module name or a list of names .* got None"),
         (dict(target_modules=["q", 3]), TypeError, r"target_modules must hold module names \(str\), got \[3\]"),
     ],

@@ -349,3 +349,375 @@ def test_argument_errors_are_value_and_type_errors():
 
     assert issubclass(ArgumentError, ValueError) and issubclass(ArgumentError, TypeError)
     unmerge_lora(nn.Sequential())  # nothing to do is not an error
+
+
+# ====================================================================== PEFT import
+
+
+def peft_folder(tmp_path):
+    """A small model's LoRA adapter in PEFT's format (our export), and a fresh copy of that model."""
+    from lora_helpers.peft_interop import export_to_peft
+
+    model = trained_two()
+    export_to_peft(model, tmp_path / "peft", head_modules=["2"], task_type=None)
+    return tmp_path / "peft"
+
+
+def test_peft_import_refuses_an_undeclared_tensor_that_would_overwrite_a_base_weight(tmp_path):
+    from lora_helpers.peft_interop import import_from_peft
+
+    folder = peft_folder(tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.1.0.weight"] = torch.zeros(6, 6)  # e.g. an embedding PEFT saved on its own
+    save_file(tensors, folder / "adapter_model.safetensors")
+    target = fresh_two()
+    before = state(target)
+    with pytest.raises(ValueError, match=r"1.0.weight: not a LoRA tensor, and its module is not in the config's"):
+        import_from_peft(target, folder)
+    assert same_state(before, target) and all(p.requires_grad for p in target.parameters())
+
+
+@pytest.mark.parametrize("value", ["false", 1, None])
+def test_peft_import_refuses_a_use_rslora_that_is_not_a_boolean(tmp_path, value):
+    from lora_helpers.peft_interop import import_from_peft
+
+    folder = peft_folder(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["use_rslora"] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    target = fresh_two()
+    with pytest.raises(ValueError, match="use_rslora must be true or false"):
+        import_from_peft(target, folder)
+    assert not lora_layers(target)
+
+
+def test_peft_import_wraps_exactly_the_layers_its_tensors_name(tmp_path):
+    from lora_helpers.peft_interop import export_to_peft, import_from_peft
+
+    model = fresh_two()
+    model.add_module("0", LoRALinear(getattr(model, "0"), r=2, lora_alpha=4))
+    export_to_peft(model, tmp_path / "peft", head_modules=[], task_type=None)
+    assert sorted(lora_layers(import_from_peft(fresh_two(), tmp_path / "peft"))) == ["0"]
+
+
+# ====================================================================== quantisation
+
+
+def test_quantising_an_empty_tensor_is_a_clear_error():
+    from lora_helpers.quant import quantize_blockwise
+
+    with pytest.raises(ValueError, match="nothing to quantise: the tensor is empty"):
+        quantize_blockwise(torch.zeros(0, 4))
+
+
+@pytest.mark.parametrize("block_size", [0, -64, 2.5])
+def test_quantising_with_a_bad_block_size_names_it(block_size):
+    from lora_helpers.quant import bits_per_weight, quantize_blockwise
+
+    with pytest.raises(ValueError, match="block_size must be a whole number >= 1"):
+        quantize_blockwise(torch.randn(128), block_size=block_size)
+    with pytest.raises(ValueError, match="block_size must be a whole number >= 1"):
+        bits_per_weight(block_size)
+
+
+def test_dequantising_codes_outside_the_code_book_is_a_clear_error():
+    from lora_helpers.quant import dequantize_blockwise, quantize_blockwise
+
+    codes, absmax = quantize_blockwise(torch.randn(128))
+    codes[3] = 16
+    with pytest.raises(ValueError, match="codes index a code book of 16 values: 0..15, got a 16"):
+        dequantize_blockwise(codes, absmax, (128,))
+
+
+def test_quantize_model_refuses_a_merged_lora_layer_before_it_loses_w0():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2))
+    apply_lora(model, ["0"], r=2)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    merge_lora(model)
+    before = state(model)
+    with pytest.raises(ValueError, match="0 is merged"):
+        quantize_model(model, targets=["0"])
+    assert same_state(before, model)
+
+
+# ====================================================================== training guards (loop)
+
+
+class TinyClassifier(nn.Module):
+    """A model with ``loss`` and ``logits`` like a Hugging Face classifier, and DistilBERT's position limit."""
+
+    def __init__(self, positions=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = type("Config", (), {"num_labels": 2, "max_position_embeddings": positions})()
+        self.embed = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        logits = self.head(self.embed(input_ids).mean(1))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return type("Out", (), {"loss": loss, "logits": logits})()
+
+
+def tiny_batches(width=8, n=4):
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "input_ids": torch.randint(0, 50, (4, width), generator=g),
+            "attention_mask": torch.ones(4, width, dtype=torch.long),
+            "labels": torch.randint(0, 2, (4,), generator=g),
+        }
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("lr", [-1.0, 0.0, float("nan"), float("inf"), "1e-3"])
+def test_train_refuses_a_learning_rate_that_is_not_positive_and_finite(lr):
+    from lora_helpers.loop import train
+
+    model = TinyClassifier()
+    before = state(model)
+    with pytest.raises(ValueError, match="learning rate .* must be a (finite )?number > 0"):
+        train(model, tiny_batches(), lr=lr, device="cpu")
+    assert same_state(before, model)
+    groups = [{"params": list(model.parameters()), "lr": lr, "name": "method"}]
+    with pytest.raises(ValueError, match="the learning rate of group 'method' must be"):
+        train(model, tiny_batches(), param_groups=groups, device="cpu")
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss():
+    from lora_helpers.loop import train
+
+    model = TinyClassifier()
+    with pytest.raises(FloatingPointError, match="the training loss is (nan|inf).*Try a smaller learning rate"):
+        train(model, tiny_batches(n=20), lr=1e6, warmup_ratio=0.0, device="cpu")
+
+
+@pytest.mark.parametrize("eval_every", [-1, 0, 2.5])
+def test_train_refuses_an_eval_every_below_one(eval_every):
+    from lora_helpers.loop import train
+
+    with pytest.raises(ValueError, match="eval_every must be a whole number >= 1"):
+        train(TinyClassifier(), tiny_batches(), tiny_batches(n=1), lr=1e-3, eval_every=eval_every, device="cpu")
+
+
+def test_batches_longer_than_the_models_positions_are_refused_before_training():
+    from lora_helpers.loop import train
+
+    model = TinyClassifier(positions=16)
+    before = state(model)
+    with pytest.raises(ValueError, match="a training batch is 40 tokens, but TinyClassifier has position embeddings"):
+        train(model, tiny_batches(width=40), lr=1e-3, device="cpu")
+    assert same_state(before, model)
+
+
+def test_predict_refuses_a_max_length_beyond_the_models_positions():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from lora_helpers.loop import predict
+
+    tokenizer = _tokenizer()
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    )
+    with pytest.raises(ValueError, match="max_length is 1000 tokens, but .* position embeddings for 512"):
+        predict(model, tokenizer, ["a fine film"], max_length=1000)
+
+
+def _tokenizer():
+    from lora_helpers.backbone import load_backbone
+
+    return load_backbone("minilm-standin", verbose=False)[1]
+
+
+@pytest.mark.parametrize("texts", [["a film", ""], ["   ", "\n"]])
+def test_empty_texts_are_refused(texts):
+    from lora_helpers.loop import encode
+
+    with pytest.raises(ValueError, match="text \\d is empty"):
+        encode(texts, _tokenizer(), 32)
+
+
+# ====================================================== analysis helpers: degenerate input refused by name
+
+
+def test_energy_captured_of_a_zero_matrix_is_an_error_not_nan():
+    from lora_helpers.svd import energy_captured
+
+    with pytest.raises(ValueError, match="not all zero"):
+        energy_captured(torch.zeros(5))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=-1), r"k must be a whole number in \[1, 6\]"),
+        (dict(k=99), r"k must be a whole number in \[1, 6\]"),
+        (dict(side="rigth"), r"side must be one of \['right', 'left'\], got str 'rigth'"),
+    ],
+)
+def test_top_directions_refuses_a_bad_k_or_side(kwargs, match):
+    from lora_helpers.analysis import top_directions
+
+    with pytest.raises(ValueError, match=match):
+        top_directions(torch.randn(8, 6), **kwargs)
+
+
+def test_subspace_similarity_grid_refuses_max_i_zero():
+    from lora_helpers.analysis import subspace_similarity_grid, top_directions
+
+    U = top_directions(torch.randn(8, 6))
+    with pytest.raises(ValueError, match=r"max_i must be a whole number in \[1, 6\], got 0"):
+        subspace_similarity_grid(U, U, max_i=0)
+
+
+def test_amplification_of_a_zero_weight_is_a_clear_error():
+    from lora_helpers.analysis import amplification
+
+    with pytest.raises(ValueError, match="W is zero"):
+        amplification(torch.zeros(6, 4), torch.randn(6, 4), r=2)
+
+
+# ====================================================================== memory, FLOP and parameter formulas
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m.training_memory_formula(-100, 0), "n_params_total must be a whole number >= 0, got -100"),
+        (lambda m: m.training_memory_formula(100, 10, bytes_per_param=-4), "bytes_per_param must be"),
+        (lambda m: m.activation_bytes(m.PAPER_MODELS["7b"], -512), "seq_len must be a whole number >= 1"),
+        (lambda m: m.activation_bytes(m.PAPER_MODELS["7b"], 512, batch=0), "batch must be a whole number >= 1"),
+        (lambda m: m.PAPER_MODELS["7b"].lora_params(-8), "r must be a whole number >= 1, got -8"),
+        (lambda m: m.fits_table("bogus"), r"model must be one of \['distilbert', '1b'"),
+        (lambda m: m.fits_table(["7b"], recipes=["qlroa"]), "recipe must be one of"),
+        (lambda m: m.fits_table(["7b"], gpus_gb=[-16]), "a GPU's memory must be a finite number > 0"),
+    ],
+    ids=["total", "bytes", "seq_len", "batch", "lora-r", "fits-model", "fits-recipe", "fits-gpu"],
+)
+def test_memory_formulas_refuse_impossible_sizes(call, match):
+    from lora_helpers import memory
+
+    with pytest.raises(ValueError, match=match):
+        call(memory)
+
+
+def test_parameter_and_flop_counts_refuse_negative_sizes():
+    from transformers import DistilBertConfig
+
+    from lora_helpers.estimate import forward_flops
+    from lora_helpers.lora import lora_parameters
+
+    with pytest.raises(ValueError, match="r must be a whole number >= 1, got -8"):
+        lora_parameters([(768, 768)], -8)
+    with pytest.raises(ValueError, match="d_in must be a whole number >= 1, got -768"):
+        lora_parameters([(-768, 768)], 8)
+    with pytest.raises(ValueError, match=r"seq_len \(max_length\) must be a whole number in \[1, 512\], got -5"):
+        forward_flops(DistilBertConfig(), -5)
+    with pytest.raises(ValueError, match=r"seq_len \(max_length\) must be a whole number in \[1, 512\], got 100000"):
+        forward_flops(DistilBertConfig(), 100_000)
+
+
+# ====================================================================== the command line and the launcher
+
+
+@pytest.fixture
+def no_training(monkeypatch, tmp_path):
+    from test_cli import _no_work
+
+    monkeypatch.setenv("LORA_PROFILE", "quick")
+    monkeypatch.chdir(tmp_path)
+    for target in ("lora_helpers.loop.train", "lora_helpers.runner.run", "lora_helpers.compare.compare_methods"):
+        monkeypatch.setattr(target, _no_work, raising=False)
+    return tmp_path
+
+
+def refused(argv, message, capsys):
+    from test_cli import assert_one_clear_error, run_main
+
+    assert_one_clear_error(*run_main(argv, capsys), message)
+
+
+def test_metrics_and_adapter_that_would_overwrite_each_other_are_refused(no_training, capsys):
+    folder = no_training / "D"
+    refused(
+        ["train", "--out", str(folder / CONFIG_NAME), "--save-adapter", str(folder)],
+        "would overwrite each other",
+        capsys,
+    )
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--max-length", "1000"], "1000 is longer than DistilBERT reads: it has 512 position embeddings"),
+        (["estimate", "--max-length", "100000"], "100000 is longer than DistilBERT reads"),
+        (["train", "--seed", str(2**64)], "expected an integer in 0 .. 4294967295"),
+        (["estimate", "--notebook", "04", "--seeds", "5"], "--notebook 04 estimates that notebook's own runs; --seeds"),
+    ],
+    ids=["train-max-length", "estimate-max-length", "seed", "notebook-and-seeds"],
+)
+def test_bad_arguments_are_one_line_naming_the_argument(argv, message, no_training, capsys):
+    refused(argv, message, capsys)
+
+
+def test_n_val_larger_than_the_split_names_n_val(no_training, capsys):
+    from test_cli import TINY
+
+    refused(["train", *TINY, "--n-val", "1000000"], "n_train (32) + n_val (1,000,000)", capsys)
+
+
+def test_a_backbone_folder_that_is_not_distilbert_is_one_error_line(no_training, capsys):
+    gpt2 = no_training / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
+    refused(["train", "--backbone", str(gpt2)], "holds a 'gpt2' model; the series' backbones are DistilBERT", capsys)
+
+
+def test_a_review_that_is_not_utf8_is_named(tmp_path, monkeypatch, no_training, capsys):
+    root = tmp_path / "aclImdb"
+    for split in ("train", "test"):
+        for label in ("pos", "neg"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                (root / split / label / f"{i}_7.txt").write_text(f"review {i} of {split} {label}, fine")
+    (root / "train" / "pos" / "2_7.txt").write_bytes("caf\xe9 au lait, a lovely film".encode("latin-1"))
+    monkeypatch.setenv("LORA_IMDB_DIR", str(root))
+    refused(["train", "--n-train", "4", "--n-val", "2", "--n-test", "4"], "2_7.txt is not UTF-8 text", capsys)
+
+
+def test_a_thread_count_that_is_not_ascii_digits_is_a_clear_error(monkeypatch):
+    from lora_helpers.utils import set_seed
+
+    monkeypatch.setenv("LORA_NUM_THREADS", "\u00b2")  # '²'.isdigit() is True, int('²') fails
+    with pytest.raises(ValueError, match="LORA_NUM_THREADS must be a positive whole number"):
+        set_seed(0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nproc", "3"], "--batch-size 16 must split evenly over --nproc 3"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--model", "tiny", "--max-length", "100"], "--max-length must be in 3 .. 64 for --model tiny"),
+    ],
+)
+def test_the_launcher_refuses_bad_arguments_in_one_line_before_starting_workers(argv, message, capsys, monkeypatch):
+    from lora_helpers import distributed
+
+    monkeypatch.setattr(distributed, "run_data_parallel", lambda *a, **k: pytest.fail("workers started"))
+    with pytest.raises(SystemExit) as exit_:
+        distributed.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_the_launcher_checks_its_arguments_before_spawning():
+    from lora_helpers.distributed import run_data_parallel
+
+    with pytest.raises(ValueError, match=r"max_length must be a whole number in \[3, 64\]"):
+        run_data_parallel(2, 1, 4, 100, kind="tiny")
+    with pytest.raises(ValueError, match="batch_size 16 must split evenly over 3 processes"):
+        run_data_parallel(3, 1, 16, 32, kind="tiny")

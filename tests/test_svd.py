@@ -114,9 +114,9 @@ def test_trainable_input_is_detached():
 @pytest.mark.parametrize("r", [0, -1, 21, 2.0, "3", None, True])
 def test_bad_rank_raises_helpful_value_error(r):
     W = random_matrix(30, 20)
-    with pytest.raises(ValueError, match=r"rank r must be an int in \[1, 20\] for a \(30, 20\) matrix"):
+    with pytest.raises(ValueError, match=r"rank r must be a whole number in \[1, 20\] \(for a \(30, 20\) matrix\)"):
         truncated_svd(W, r)
-    with pytest.raises(ValueError, match=r"rank r must be an int"):
+    with pytest.raises(ValueError, match=r"rank r must be a whole number"):
         low_rank_approx(W, r)
 
 
