@@ -26,7 +26,7 @@ def test_two_processes_send_only_lora_and_head_gradients_and_match_one_process()
 def test_bad_arguments_are_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="split evenly"):
         run_data_parallel(world_size=3, batch_size=8, kind="tiny")
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="kind must be one of \\['standin', 'tiny'\\]"):
         run_data_parallel(world_size=2, batch_size=8, kind="gpt")
     with pytest.raises(SystemExit):
         main(["--nproc", "0"])
