@@ -36,8 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lora_helpers import apply_lora, get_profile, lora_layers, mark_only_lora_trainable, merge_and_unload  # noqa: E402
 from lora_helpers.backbone import load_backbone  # noqa: E402
 from lora_helpers.loop import train_step  # noqa: E402
-from lora_helpers.methods import method_spec, prepare_method  # noqa: E402
-from lora_helpers.runner import default_lr  # noqa: E402
+from lora_helpers.methods import (  # noqa: E402
+    HEAD_MODULES,
+    head_learning_rate,
+    learning_rate,
+    method_spec,
+    prepare_method,
+)
 from lora_helpers.utils import PeakMemory, cpu_name, versions  # noqa: E402
 
 THREADS = 2
@@ -109,8 +114,8 @@ def trainer(model, lr: float):
 def prepared(model, method: str, profile) -> float:
     """Prepare ``model`` for ``method`` (methods.prepare_method); returns the method's learning rate."""
     spec = method_spec(method, profile)
-    prepare_method(model, spec, profile.head_modules)
-    return default_lr(spec, profile)
+    prepare_method(model, spec)
+    return learning_rate(spec, profile)
 
 
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
@@ -244,7 +249,7 @@ def bench_peft(base, batch, cfg) -> dict:
     n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert n_ours == n_theirs, (n_ours, n_theirs)
-    lr = get_profile("quick").lr_lora
+    lr = method_spec("lora", "quick").lr
     steps = {"ours (LoRALinear)": trainer(ours, lr), "PEFT": trainer(theirs, lr)}
     times = interleaved({k: functools.partial(s, batch) for k, s in steps.items()}, cfg["train_repeats"], cfg["warmup"])
     return {
@@ -279,16 +284,16 @@ def split_variant(base, variant: str, profile):
     model = copy.deepcopy(base)
     if variant == "floor":
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(profile.head_modules))
+            p.requires_grad_(name.startswith(HEAD_MODULES))
         # the embeddings' output requires a gradient: backward runs through every block (activation gradients only)
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-        lr = profile.lr_head
+        lr = head_learning_rate(profile)
     else:
         spec = method_spec("lora" if variant.startswith("lora") else variant, profile)
         if variant == "lora, dropout 0":
             spec = spec.replace(lora_dropout=0.0)
-        prepare_method(model, spec, profile.head_modules)
-        lr = default_lr(spec, profile)
+        prepare_method(model, spec)
+        lr = learning_rate(spec, profile)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     return model, torch.optim.AdamW(params, lr=lr), params

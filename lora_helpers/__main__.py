@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from .methods import METHODS
+from .methods import HEAD_MODULES, METHODS
 from .profiles import PROFILES, default_profile_name, get_profile
 from .utils import machine_line, write_files_atomically
 
@@ -267,7 +267,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print(f"  peak memory   : {m['peak_memory_mib']:.0f} MiB ({m['memory_kind']})")
     print(f"  metrics       : {out}")
     if args.save_adapter:
-        folder = save_adapter(result.model, args.save_adapter, extra=profile.head_modules)
+        folder = save_adapter(result.model, args.save_adapter, extra=HEAD_MODULES)
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         print(f"  adapter       : {folder} ({size / 1024:.0f} KB)")
     return 0
@@ -275,7 +275,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Notebook 04's comparison (``compare.compare_methods``): a markdown table, and everything as JSON."""
-    from .compare import SWEEP_LRS, compare_methods, method_costs, results_json, results_table, summary_rows
+    from .compare import compare_methods, method_costs, results_json, results_table, summary_rows
+    from .methods import method_spec
 
     profile = profile_from_args(args, parser)
     out = Path(args.out or f"runs/compare-{profile.name}.json")
@@ -289,7 +290,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"--grid for {unknown}, which --methods does not compare ({args.methods})")
     if args.control and args.control not in args.methods:
         parser.error(f"--control {args.control} must be one of --methods ({args.methods})")
-    lrs = {m: grids.get(m, SWEEP_LRS[m]) for m in args.methods} if args.sweep else None
+    lrs = {m: grids.get(m, method_spec(m).sweep) for m in args.methods} if args.sweep else None
     versions = _versions()  # the code that runs, before anything can change it
     start = time.perf_counter()
     try:
@@ -346,11 +347,11 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     start = time.perf_counter()
     try:
         model, _, _ = load_backbone(profile.backbone, seed=profile.seed, verbose=False)
-        specs = section7_specs(model, profile)
+        specs = section7_specs(model)
         del model
         grid = tuple(args.grid)
         lrs = {"head": grid, **{s.name: grid for s in specs}}
-        reference = next(s.name for s in specs if s.name == f"q,v r={profile.r}")  # W_q, W_v at the profile's r
+        reference = "q,v r=8"  # W_q, W_v at the paper's r: section7_specs' reference
         results = compare_methods(
             profile,
             methods=["head", *specs],
@@ -435,13 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=_positive_float,
         metavar="LR",
-        help="the method's own learning rate (default: the profile's, tuned on validation)",
+        help="the method's own learning rate (default: the one tuned on validation for the profile)",
     )
     train.add_argument(
         "--head-lr",
         type=_positive_float,
         metavar="LR",
-        help="the new head's learning rate (default: the profile's lr_head)",
+        help="the new head's learning rate (default: the head-only method's, tuned for the profile)",
     )
     train.add_argument("--out", metavar="FILE", help="metrics JSON (default: runs/<method>-<profile>.json)")
     train.add_argument("--save-adapter", metavar="DIR", help="also save the LoRA adapter (+ head) into DIR")
@@ -472,14 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep",
         action="store_true",
         help="first choose each method's learning rate on the validation split "
-        "(compare.SWEEP_LRS; the head-only sweep sets the head rate of every method)",
+        "(each method's sweep grid in methods.REGISTRY; the head-only sweep sets the head rate of every method)",
     )
     compare.add_argument(
         "--grid",
         type=_grid,
         action="append",
         metavar="METHOD=LR,LR,...",
-        help="with --sweep: the rates to try for METHOD instead of compare.SWEEP_LRS (repeatable)",
+        help="with --sweep: the rates to try for METHOD instead of its registered grid (repeatable)",
     )
     compare.add_argument(
         "--extend-grid",

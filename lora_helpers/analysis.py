@@ -48,7 +48,7 @@ def weight_updates(pretrained_state: dict, model, suffixes=("q_lin.weight", "v_l
     layers = lora_layers(model)
     current = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{name}.") for name in layers)}
     for name, layer in layers.items():  # a LoRA layer counts with its effective weight
-        current[f"{name}.weight"] = layer.base.weight + (0 if layer.merged else layer.delta_weight())
+        current[f"{name}.weight"] = layer.effective_weight()
     updates = {}
     for key, value in current.items():
         if key.endswith(tuple(suffixes)) and key in pretrained_state and value.ndim == 2:

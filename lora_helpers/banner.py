@@ -48,8 +48,8 @@ def time_steps(model, profile: Profile, methods, device, steps: int = 3) -> dict
         for name in methods:
             spec = method_spec(name, profile)
             trial = copy.deepcopy(model).to(device)
-            prepare_method(trial, spec, profile.head_modules)
-            groups = param_groups(trial, lr=1e-5, head_lr=1e-5, head_modules=profile.head_modules)
+            prepare_method(trial, spec)
+            groups = param_groups(trial, lr=1e-5, head_lr=1e-5)
             optimizer = torch.optim.AdamW(groups)
             params = [p for g in groups for p in g["params"]]
             scaler = _grad_scaler(choose_precision(device))

@@ -41,7 +41,7 @@ from .analysis import energy_in_top, expected_random_similarity, random_like, su
 from .backbone import load_backbone
 from .lora import count_parameters
 from .memory import training_memory_formula
-from .methods import MethodSpec, method_spec, prepare_method
+from .methods import HEAD_MODULES, MethodSpec, head_learning_rate, method_spec, prepare_method
 from .runner import best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
 from .stats import EQUIVALENCE_MARGIN, compare_runs, gap_recovered
 from .utils import get_device
@@ -70,23 +70,10 @@ def committed_run(name: str) -> dict:
 
 CHECKPOINT_WHAT = {"full": "whole model state", "lora": "LoRA A, B + head", "head": "head only"}
 
-# The learning rates ``python -m lora_helpers compare --sweep`` tries, per method, half a decade
-# apart. Full fine-tuning moves every pretrained weight; LoRA's B starts at zero and its update is
-# scaled by alpha / r, so its good rates sit about 10x higher (Thinking Machines, "LoRA Without
-# Regret", 2025); the head, trained from scratch on frozen features, tolerates the highest.
-SWEEP_LRS = {
-    "full": (3e-5, 1e-4, 3e-4),
-    "lora": (3e-4, 1e-3, 3e-3),
-    "lora-all": (3e-4, 1e-3, 3e-3),
-    "lora-nodrop": (3e-4, 1e-3, 3e-3),
-    "head": (1e-3, 3e-3, 1e-2),
-}
-
-
 # ------------------------------------------------------------------ costs, exact
 
 
-def checkpoint_bytes(model, kind: str, head_modules) -> int:
+def checkpoint_bytes(model, kind: str, head_modules=HEAD_MODULES) -> int:
     """Bytes on disk of what must be saved to keep the fine-tuned model (written to a temporary folder).
 
     Depends only on the shapes, so a freshly prepared (untrained) model gives the same number.
@@ -116,14 +103,14 @@ def method_costs(profile, methods, backbone=None) -> dict:
     for name in methods:
         spec = method_spec(name, profile)
         model = copy.deepcopy(base)
-        prepare_method(model, spec, profile.head_modules)
+        prepare_method(model, spec)
         count = count_parameters(model)
         out[name] = {
             "trainable_params": count.trainable,
             "total_params": count.total,
             "trainable_percent": count.percent,
             "optimizer_bytes": optimizer_bytes(count.trainable),
-            "checkpoint_bytes": checkpoint_bytes(model, spec.kind, profile.head_modules),
+            "checkpoint_bytes": checkpoint_bytes(model, spec.kind),
             "checkpoint_what": CHECKPOINT_WHAT[spec.kind],
         }
         del model
@@ -187,8 +174,8 @@ def compare_methods(
     winning sweep run is reused as that method's ``seeds[0]`` run, which saves a run but makes that
     seed a selected one (its test accuracy is biased up a little, more so with more rates tried);
     ``sweep_seed``: sweep with this seed instead, one that is never tested, and train every seed
-    afresh. Methods not swept use the profile's rates. ``extend_grid``: grow a grid whose best rate sits at its
-    edge (``extended_sweep``).
+    afresh. Methods not swept train at the rates tuned for the profile (``methods.REGISTRY``).
+    ``extend_grid``: grow a grid whose best rate sits at its edge (``extended_sweep``).
     ``control``: one of ``methods`` trained again with as many new seeds (``seeds`` shifted past the
     last), at its chosen rate: two groups of seeds of one configuration, the noise yardstick of the
     seed-level verdicts (``control_comparison``). ``data``: a ``TokenizedData`` (default: ``load_splits``
@@ -219,7 +206,7 @@ def compare_methods(
         data = tokenize(load_splits(profile, verbose=verbose), tokenizer, profile)
     lrs = dict(lrs or {})
     order = sorted(methods, key=lambda m: m != "head") if "head" in lrs else list(methods)
-    head_lr, chosen, swept, runs = profile.lr_head, {}, {}, {}
+    head_lr, chosen, swept, runs = head_learning_rate(profile), {}, {}, {}
     for method in order:
         spec = specs[method]
         first = None
@@ -302,6 +289,7 @@ def compare_methods(
         "device": str(device),
         "lrs": chosen,
         "head_lr": head_lr,
+        "methods": {m: specs[m].replace(lr=chosen.get(m, specs[m].lr)).summary() for m in methods},
         "sweep": swept,
         "runs": {m: runs[m] for m in methods},
         "seeds": seeds,
@@ -440,6 +428,7 @@ def results_json(results: dict, costs: dict | None = None) -> dict:
         "sweep_seed": results.get("sweep_seed"),
         "lrs": results["lrs"],
         "head_lr": results["head_lr"],
+        "methods": results.get("methods"),
         "n_train": results["n_train"],
         "n_val": results["n_val"],
         "n_test": results["n_test"],

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from transformers import DistilBertConfig
 
 from .lora import lora_parameters
-from .methods import ALL_BLOCK_LINEARS, method_spec
+from .methods import ALL_BLOCK_LINEARS, MethodSpec, method_spec
 from .utils import check_int
 
 # The two backbones of the series, by shape only (no weights needed to count FLOPs).
@@ -130,9 +130,10 @@ def lora_params(config, targets, r: int) -> int:
     return config.n_layers * lora_parameters((shapes[t] for t in targets), r)
 
 
-def train_step_flops(config, method: str, profile) -> float:
-    """FLOPs of one training step of ``method`` on a batch of ``profile.batch_size`` x ``profile.max_length``."""
-    spec = method_spec(method, profile)
+def train_step_flops(config, method, profile) -> float:
+    """FLOPs of one training step of ``method`` (a name or a ``MethodSpec``) on a batch of ``profile.batch_size`` x
+    ``profile.max_length``."""
+    spec = method if isinstance(method, MethodSpec) else method_spec(method, profile)
     weights, attention = forward_parts(config, profile.max_length)
     times_weights, times_attention = TRAIN_MULTIPLIER[spec.kind]
     per_sequence = times_weights * weights + times_attention * attention
@@ -158,10 +159,9 @@ def run_flops(profile, method: str = "lora", config=None) -> dict:
 
 def compare_plan(methods, seeds: int, sweep: bool) -> list:
     """The runs of ``python -m lora_helpers compare``: ``(method, runs, of them tested)``. With ``sweep``, one run
-    per rate of ``compare.SWEEP_LRS`` at the first seed (the best one reused), then the other seeds."""
-    from .compare import SWEEP_LRS
+    per rate of the method's sweep grid at the first seed (the best one reused), then the other seeds."""
 
-    return [(m, (len(SWEEP_LRS[m]) + seeds - 1) if sweep else seeds, seeds) for m in methods]
+    return [(m, (len(method_spec(m).sweep) + seeds - 1) if sweep else seeds, seeds) for m in methods]
 
 
 def notebook_plan(notebook: str, profile) -> tuple:
@@ -203,7 +203,7 @@ def measured_rates(saved: dict) -> dict:
     """
     from .profiles import Profile
 
-    profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["profile"].items()})
+    profile = Profile.from_saved(saved["profile"])
     config = SHAPES["minilm-standin"] if saved["backbone"].startswith("minilm-standin") else _shape(profile)
     forward = forward_flops(config, profile.max_length)
     rates, eval_flops, train_seconds = {}, 0.0, 0.0

@@ -5,8 +5,8 @@ Introduced in notebook 05 (``05_rank_and_what_lora_learns.ipynb``). It offers
 * ``TARGET_SETS``: the choices of weight matrices the notebook compares (paper Table 5);
 * ``lora_param_count`` / ``rank_for_budget``: trainable LoRA parameters of a
   choice at rank ``r``, and the rank that spends a given budget;
-* ``study_profile``: the run settings for the studies (dropout off, one validation
-  pass per run, shorter reviews in ``cpu``/``gpu``), so that the notebook's runs fit;
+* ``study_profile``: the run settings for the studies (each profile's ``study`` sizes,
+  one validation pass per run), so that the notebook's runs fit;
 * ``PAPER_TABLE7``: the paper's amplification numbers (GPT-3, W_q of layer 48);
 * ``lora_variant``: the ``MethodSpec`` of one LoRA variant (targets, r, alpha,
   rsLoRA, init (``lora.pissa_init_``), dropout), trained with ``runner.run`` like every other run.
@@ -89,35 +89,14 @@ def rank_for_budget(model: nn.Module, targets, budget: int) -> int:
 
 
 def study_profile(profile: Profile, **overrides) -> Profile:
-    """The settings notebook 05's studies run with, derived from ``profile``.
+    """The settings notebook 05's studies run with: ``profile`` with its ``study`` sizes, then ``overrides``.
 
-    About twenty runs share one notebook, so each must be short: ``quick`` trains on 640
-    reviews instead of 1,000 (40 steps of 64 tokens, so that a laptop runs the notebook in
-    minutes); ``cpu``
-    cuts reviews at 128 tokens at most; ``gpu`` trains on 12,000 reviews and tests on
-    10,000 (notebook 04: 24,000 and 25,000), one epoch at 256 tokens at most, so that
-    the notebook's twenty runs take about twenty minutes on a T4: an estimate, from
-    FLOPs at an assumed 20% of the T4's peak, not yet measured there
-    (``python -m lora_helpers estimate --profile gpu --notebook 05``).
-    Two settings hold for every profile:
-
-    * ``lora_dropout=0``: the PiSSA run (section 5b) must start from the pretrained
-      model, so dropout on its branch is off, and the zero-B runs it is compared with
-      must match it;
-    * the validation split is scored once, after the last step (``eval_every=None``):
-      the studies compare final models, and each extra pass costs time.
-
-    Everything else (learning rates, alpha, schedule) is the profile's. ``overrides``
-    change any field afterwards.
+    About twenty runs share one notebook, so each must be short (``profiles.PROFILES`` says how
+    each profile shrinks). The validation split is scored once, after the last step
+    (``eval_every=None``): the studies compare final models, and each extra pass costs time.
+    The studies' LoRA runs have no dropout (``lora_variant``).
     """
-    profile = profile.replace(lora_dropout=0.0, eval_every=None)
-    if profile.name == "quick":
-        profile = profile.replace(n_train=640)
-    elif profile.name == "cpu":
-        profile = profile.replace(max_length=min(profile.max_length, 128))
-    elif profile.name == "gpu":
-        profile = profile.replace(max_length=min(profile.max_length, 256), epochs=1, n_train=12_000, n_test=10_000)
-    return profile.replace(**overrides)
+    return profile.replace(eval_every=None, **profile.study).replace(**overrides)
 
 
 # ------------------------------------------------------------------ one variant
@@ -126,30 +105,28 @@ def study_profile(profile: Profile, **overrides) -> Profile:
 def lora_variant(
     targets,
     r: int,
-    alpha: float | None = None,
-    profile: Profile | None = None,
+    alpha: float = 16,
     rslora: bool = False,
     init: str = "zero",
-    lora_dropout: float | None = None,
+    lora_dropout: float = 0.0,
     name: str | None = None,
 ) -> MethodSpec:
     """The ``MethodSpec`` of a LoRA variant; train it with ``runner.run(spec, data, profile, seed=...)``.
 
-    ``targets``: module names (``TARGET_SETS[...]``); ``alpha`` and ``lora_dropout`` default
-    to the profile's; ``rslora=True`` scales by ``alpha / sqrt(r)``; ``init="pissa"`` starts
-    from ``pissa_init_`` (use ``lora_dropout=0`` with it: dropout on the branch that carries
-    W's top directions would change the pretrained model at step 0).
+    ``targets``: module names (``TARGET_SETS[...]``); ``rslora=True`` scales by ``alpha / sqrt(r)``;
+    ``init="pissa"`` starts from ``pissa_init_``. No dropout by default: the PiSSA run must start from
+    the pretrained model (dropout on the branch that carries W's top directions would change it at
+    step 0), and the zero-B runs it is compared with must match it. The variant trains at ``lora``'s
+    tuned rate unless given its own (``spec.replace(lr=...)``, or a sweep).
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    alpha = (profile.lora_alpha if profile is not None else 16) if alpha is None else alpha
-    dropout = (profile.lora_dropout if profile is not None else 0.1) if lora_dropout is None else lora_dropout
     return MethodSpec(
         name or f"{','.join(t.removesuffix('_lin') for t in targets)} r={r}",
         "lora",
         targets=targets,
         r=r,
         lora_alpha=alpha,
-        lora_dropout=dropout,
+        lora_dropout=lora_dropout,
         rslora=rslora,
         init=init,
     )
@@ -158,9 +135,7 @@ def lora_variant(
 # ------------------------------------------------------------------ the committed study (Tables 5 and 6)
 
 
-def section7_specs(
-    model: nn.Module, profile: Profile, reference=("q_lin", "v_lin"), r: int = 8, ranks=(1, 64)
-) -> list[MethodSpec]:
+def section7_specs(model: nn.Module, reference=("q_lin", "v_lin"), r: int = 8, ranks=(1, 64)) -> list[MethodSpec]:
     """The LoRA variants of notebook 05's committed IMDb study, all at the paper's scale ``alpha / r``:
 
     * which matrices at one parameter budget (the paper's Table 5): the budget of ``reference`` at rank
@@ -171,17 +146,17 @@ def section7_specs(
     Every variant gets its own learning rate from a sweep on validation (``compare.compare_methods``), which
     removes most of the scale ``alpha / r`` as a confound: with Adam, a constant factor on the update acts
     roughly like a factor on the learning rate (the LoRA paper, Section 4.1), up to the grid's resolution of
-    about 3x ("LoRA Without Regret" finds that under ``alpha / r`` the best rate hardly depends on r). Dropout
-    is the profile's (``study_profile`` sets 0; PiSSA needs 0).
+    about 3x ("LoRA Without Regret" finds that under ``alpha / r`` the best rate hardly depends on r). No
+    dropout (``lora_variant``; PiSSA needs 0).
     """
     budget = lora_param_count(model, reference, r)
     out = []
     for label, targets in TARGET_SETS.items():
         rank = rank_for_budget(model, targets, budget)
-        out.append(lora_variant(targets, rank, profile=profile, name=f"{label} r={rank}"))
+        out.append(lora_variant(targets, rank, name=f"{label} r={rank}"))
     label = ",".join(t.removesuffix("_lin") for t in reference)
-    out += [lora_variant(reference, k, profile=profile, name=f"{label} r={k}") for k in ranks]
-    out.append(lora_variant(reference, r, profile=profile, init="pissa", name=f"{label} r={r} PiSSA"))
+    out += [lora_variant(reference, k, name=f"{label} r={k}") for k in ranks]
+    out.append(lora_variant(reference, r, init="pissa", name=f"{label} r={r} PiSSA"))
     return out
 
 

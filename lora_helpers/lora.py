@@ -95,7 +95,11 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update this adapter adds to ``W0``: ``scaling * B @ A`` (d_out x d_in)."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+        return lora_update(self.lora_A, self.lora_B, self.scaling)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, ``W0 + scaling * B A`` (merged or not)."""
+        return self.base.weight if self.merged else self.base.weight + self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -220,6 +224,11 @@ class LoRALinear(nn.Module):
 
 
 MERGED_KEY, PISSA_KEY = "lora_merged", "lora_pissa"
+
+
+def lora_update(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * B @ A``: the update of Eq. 3 from its factors (the one place it is computed)."""
+    return (B @ A) * scaling
 
 
 def _finish_load(layer: LoRALinear, incompatible_keys) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,7 +29,10 @@ IMDB_SPLIT = 25_000  # reviews in each of IMDb's train and test splits (Maas et 
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes and hyper-parameters of one kind of run (see the module docstring)."""
+    """The sizes of one kind of run, and the loop's settings shared by every method (see the module docstring).
+
+    What is tuned per method (learning rates, LoRA's dropout) lives with the method: ``methods.REGISTRY``.
+    """
 
     name: str
     backbone: str  # "auto", "distilbert-base-uncased" or "minilm-standin"
@@ -40,22 +43,19 @@ class Profile:
     epochs: int
     n_val: int = 200  # validation reviews, carved from the training split: for tuning and curves
     eval_every: int | None = None  # score the validation split every this many steps (None: once per epoch)
-    # Learning rates: the method's own parameters (LoRA factors / every weight) at lr_lora / lr_full,
-    # the new classification head at lr_head in every method. See PROFILES for how they were chosen.
-    lr_lora: float = 1e-3
-    lr_full: float = 5e-5
-    lr_head: float = 1e-3
-    lr_lora_all: float | None = None  # LoRA on every Linear, if its tuned rate differs from lr_lora
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    r: int = 8  # the paper's GLUE setting: r = 8 on W_q and W_v
-    lora_alpha: float = 16
-    lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_lin", "v_lin")
-    head_modules: tuple[str, ...] = ("pre_classifier", "classifier")
     eval_batch_size: int = 64
     seed: int = 0
+    study: dict = field(default_factory=dict, compare=False, hash=False)  # notebook 05's sizes (study_profile)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> Profile:
+        """The profile a saved run recorded (``vars(profile)`` in its JSON); fields this version has not are skipped
+        (runs saved before the tuned rates moved to ``methods.REGISTRY`` also recorded them here)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 
     def replace(self, **changes) -> Profile:
         """A copy with some fields changed, e.g. ``profile.replace(n_train=200)``."""
@@ -87,17 +87,13 @@ class Profile:
         return (
             f"profile {self.name!r}: backbone={self.backbone}, train={size(self.n_train)}, "
             f"validation={self.n_val:,}, test={size(self.n_test)}, max_length={self.max_length}, "
-            f"batch={self.batch_size}, "
-            f"epochs={self.epochs}, LoRA r={self.r} alpha={self.lora_alpha:g} on {list(self.target_modules)}"
+            f"batch={self.batch_size}, epochs={self.epochs}"
         )
 
 
 PROFILES = {
     # quick: 63 steps of 16 reviews cut at 64 tokens, so that notebook 04's 12 runs (4 methods x 3 seeds)
-    # take minutes on a laptop CPU. Rates chosen by `python -m lora_helpers compare --profile quick --seeds 3 --sweep`
-    # (lora_helpers/results/compare-quick.json): each the best validation accuracy of its method's sweep, the head's
-    # from the head-only sweep. LoRA's 3e-3 is the largest rate its grid tried. LoRA dropout stays 0.1 here: the
-    # committed run and the notebooks' outputs were made with it (the cpu run found dropout 0 no worse).
+    # take minutes on a laptop CPU. Notebook 05's studies (about twenty runs) train on 640 reviews.
     "quick": Profile(
         "quick",
         backbone="minilm-standin",
@@ -108,18 +104,9 @@ PROFILES = {
         batch_size=16,
         epochs=1,
         eval_every=16,
-        lr_full=1e-4,
-        lr_lora=3e-3,
-        lr_lora_all=1e-3,
-        lr_head=1e-3,
+        study={"n_train": 640},
     ),
-    # cpu: a laptop, 125 steps of 16 x 128 tokens. Rates chosen by the committed run
-    # lora_helpers/results/compare-cpu.json
-    # (`python -m lora_helpers compare --profile cpu --seeds 3 --sweep --extend-grid --methods full lora lora-all
-    # lora-nodrop head --control lora ...`, 86 min on a 2-core Intel Xeon, stand-in backbone): each the best validation
-    # accuracy of its method's sweep, inside its grid; the head's from the head-only sweep. LoRA dropout 0: without it
-    # LoRA (q, v) was no worse on validation (+1.7 points over three seeds, each at its own rate, 3e-3 both) and a step
-    # is cheaper (benchmarks/bench.py). lora-all's rate was chosen with dropout 0.1.
+    # cpu: a laptop, 125 steps of 16 x 128 tokens; the studies keep 128 tokens.
     "cpu": Profile(
         "cpu",
         backbone="auto",
@@ -130,17 +117,13 @@ PROFILES = {
         batch_size=16,
         epochs=1,
         eval_every=42,
-        lr_full=3e-4,
-        lr_lora=3e-3,
-        lr_lora_all=3e-3,
-        lr_head=3e-3,
-        lora_dropout=0.0,
+        study={"max_length": 128},
     ),
     # gpu: a Colab T4. Sized so that notebook 04 (12 runs) takes about half an hour there, estimated (FLOPs at an
     # assumed 20% of the T4's peak, not measured) by `python -m lora_helpers estimate --profile gpu --notebook 04`:
     # every training review, 256 tokens, one epoch. Full size (512 tokens, 2 epochs, about 4x the compute) is a
-    # command line away: --max-length 512 --epochs 2. Its rates are not tuned (no GPU run yet): `compare --profile gpu
-    # --sweep` tunes them.
+    # command line away: --max-length 512 --epochs 2. The studies train on 12,000 reviews, test on 10,000, one epoch
+    # of at most 256 tokens: about twenty minutes on a T4, estimated the same way (`estimate --notebook 05`).
     "gpu": Profile(
         "gpu",
         backbone="auto",
@@ -150,10 +133,9 @@ PROFILES = {
         max_length=256,
         batch_size=32,
         epochs=1,
-        lr_lora=5e-4,
-        lr_full=2e-5,
         eval_batch_size=128,
         eval_every=250,
+        study={"max_length": 256, "epochs": 1, "n_train": 12_000, "n_test": 10_000},
     ),
 }
 

@@ -34,8 +34,8 @@ import torch.nn as nn
 from datasets import DatasetDict
 
 from .loop import encode, evaluate, make_batches, train
-from .lora import count_parameters, lora_layers
-from .methods import MethodSpec, param_groups, prepare_method
+from .lora import count_parameters, lora_layers, lora_update
+from .methods import MethodSpec, head_learning_rate, learning_rate, param_groups, prepare_method
 from .utils import get_device, set_seed
 
 TRACKED = ("q_lin.weight", "v_lin.weight")  # matrices whose update dW a run keeps (for the Section 7 analyses)
@@ -134,13 +134,6 @@ def tokenize(data: DatasetDict, tokenizer, profile) -> TokenizedData:
 # ------------------------------------------------------------------ one run
 
 
-def default_lr(spec: MethodSpec, profile) -> float:
-    """The method's own learning rate from the profile (tuned on validation, see ``profiles.py``)."""
-    if spec.name == "lora-all" and profile.lr_lora_all is not None:
-        return profile.lr_lora_all
-    return {"full": profile.lr_full, "lora": profile.lr_lora, "head": profile.lr_head}[spec.kind]
-
-
 def lora_factors(model: nn.Module) -> dict[str, dict]:
     """``{layer name: {"A", "B", "scaling"}}``: detached float32 CPU copies of every LoRA layer's factors."""
     return {
@@ -162,8 +155,7 @@ def _tracked_weights(model: nn.Module, suffixes) -> dict[str, torch.Tensor]:
         if not key.endswith(tuple(suffixes)):
             continue
         if name in layers:
-            layer = layers[name]
-            W = layer.base.weight + (0 if layer.merged else layer.delta_weight())
+            W = layers[name].effective_weight()
         elif isinstance(module, nn.Linear):
             W = module.weight
         else:
@@ -222,12 +214,12 @@ class RunResult:
     def delta_weight(self, layer: str) -> torch.Tensor:
         """LoRA's trained update ``scaling * B A`` of one layer (float32, CPU)."""
         f = self.factors[layer]
-        return f["scaling"] * f["B"] @ f["A"]
+        return lora_update(f["A"], f["B"], f["scaling"])
 
     def update_norm(self, initial: bool = False) -> float:
         """``sqrt(sum over LoRA layers ||scaling B A||_F^2)``: the size of the whole trained update (or the init's)."""
         factors = self.initial_factors if initial else self.factors
-        return math.sqrt(sum(float((f["scaling"] * f["B"] @ f["A"]).square().sum()) for f in factors.values()))
+        return math.sqrt(sum(float(lora_update(f["A"], f["B"], f["scaling"]).square().sum()) for f in factors.values()))
 
     def metrics(self) -> dict:
         """Flat, JSON-serialisable: what the CLI writes (``test_*`` only when the test split was scored)."""
@@ -290,26 +282,26 @@ def run(
     """Train ``spec`` from a fresh backbone on ``data``; score validation as it goes, test only if ``test``.
 
     ``seed`` (default ``profile.seed``) sets the head init, LoRA's A, the dropout masks
-    and the batch order. ``lr`` is the method's own rate (default: the profile's for that
-    kind); ``head_lr`` the new head's (default ``profile.lr_head``, the same for every
-    method). ``backbone``: a ``load_backbone``-style callable. ``keep_model`` keeps the
+    and the batch order. ``lr`` is the method's own rate (default: ``methods.learning_rate``,
+    tuned for the profile); ``head_lr`` the new head's (default: ``methods.head_learning_rate``,
+    the same for every method). ``backbone``: a ``load_backbone``-style callable. ``keep_model`` keeps the
     trained model in the result; the updates dW of the ``track``-ed matrices are always kept.
     """
     from .backbone import load_backbone
 
     seed = profile.seed if seed is None else seed
-    head_lr = profile.lr_head if head_lr is None else head_lr
-    lr = (head_lr if spec.kind == "head" else default_lr(spec, profile)) if lr is None else lr
+    head_lr = head_learning_rate(profile) if head_lr is None else head_lr
+    lr = (head_lr if spec.kind == "head" else learning_rate(spec, profile)) if lr is None else lr
     if spec.kind == "head":
         lr = head_lr = lr  # head only: the head is the method
     device = get_device() if device is None else torch.device(device)
     set_seed(seed)
     model, _, description = (backbone or load_backbone)(profile.backbone, seed=seed, verbose=False)
     pretrained = _tracked_weights(model, track) if track else {}
-    names = prepare_method(model, spec, profile.head_modules)
+    names = prepare_method(model, spec)
     initial = lora_factors(model)
     params = count_parameters(model)
-    groups = param_groups(model, lr, head_lr, profile.head_modules)
+    groups = param_groups(model, lr, head_lr)
     set_seed(seed)  # the same dropout masks whatever happened before
     result = train(
         model,

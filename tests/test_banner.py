@@ -15,6 +15,7 @@ from lora_helpers import PROFILES, committed_run, get_profile, print_banner
 from lora_helpers.banner import estimate_seconds, time_steps
 from lora_helpers.compare import committed_runs
 from lora_helpers.loop import train
+from lora_helpers.methods import head_learning_rate, method_spec
 
 TINY = DistilBertConfig(
     dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=1200, max_position_embeddings=64, num_labels=2
@@ -111,12 +112,13 @@ def test_committed_runs_ship_with_the_package():
 
 @pytest.mark.parametrize("name", ["quick", "cpu"])
 def test_the_profiles_rates_are_their_committed_runs_choices(name):
-    """Each profile trains at the rates its committed comparison chose on validation (and the cpu run's dropout)."""
+    """Each method trains at the rate its profile's committed comparison chose on validation (and the cpu run's
+    dropout): the registry's tuned settings are those runs' choices."""
     run = committed_run(f"compare-{name}")
-    profile = get_profile(name)
-    assert run["lrs"]["full"] == profile.lr_full and run["lrs"]["lora"] == profile.lr_lora
-    assert run["lrs"]["lora-all"] == profile.lr_lora_all and run["head_lr"] == profile.lr_head
+    for method in ("full", "lora", "lora-all"):
+        assert run["lrs"][method] == method_spec(method, name).lr, method
+    assert run["head_lr"] == method_spec("head", name).lr == head_learning_rate(name)
     if "lora-nodrop" in run["lrs"]:  # the run that decided the dropout: no dropout unless it was worse on validation
         val = {m: sum(r["val_accuracy"] for r in run["runs"][m]) for m in ("lora", "lora-nodrop")}
-        assert profile.lora_dropout == (0.0 if val["lora-nodrop"] >= val["lora"] else 0.1)
-        assert run["lrs"]["lora-nodrop"] == profile.lr_lora
+        assert method_spec("lora", name).lora_dropout == (0.0 if val["lora-nodrop"] >= val["lora"] else 0.1)
+        assert run["lrs"]["lora-nodrop"] == method_spec("lora-nodrop", name).lr == method_spec("lora", name).lr

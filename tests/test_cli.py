@@ -194,11 +194,11 @@ def test_the_real_command_prints_no_traceback_for_bad_input(tmp_path):
 
 def test_estimate_counts_the_compare_it_describes(capsys):
     # the sweep adds len(grid) - 1 runs per method
-    from lora_helpers.compare import SWEEP_LRS
+    from lora_helpers.methods import method_spec
 
     assert main(["estimate", "--profile", "gpu", "--methods", "lora", "full", "--seeds", "3", "--sweep"]) == 0
     out = capsys.readouterr().out
-    runs = sum(len(SWEEP_LRS[m]) + 2 for m in ("lora", "full"))
+    runs = sum(len(method_spec(m).sweep) + 2 for m in ("lora", "full"))
     assert f"{runs} training runs" in out and "NVIDIA T4" in out and "DistilBERT (768 wide)" in out
     assert main(["estimate", "--profile", "gpu", "--notebook", "04"]) == 0
     assert "This notebook trains 15 runs" in capsys.readouterr().out  # 4 methods x 3 seeds + the 3-seed control

@@ -22,6 +22,7 @@ from lora_helpers.estimate import (
     train_step_flops,
 )
 from lora_helpers.lora import freeze_all_except
+from lora_helpers.methods import HEAD_MODULES, method_spec
 
 RESULTS = Path(__file__).resolve().parents[1] / "lora_helpers" / "results"
 TINY = DistilBertConfig(
@@ -74,15 +75,15 @@ def test_lora_and_head_only_steps_close_to_the_estimate():
     profile = get_profile("quick", batch_size=3, max_length=10)
     lora = tiny()
     apply_lora(lora, ("q_lin", "v_lin"), r=4, lora_alpha=8)
-    mark_only_lora_trainable(lora, extra_trainable=profile.head_modules)
+    mark_only_lora_trainable(lora, extra_trainable=HEAD_MODULES)
     n_lora = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     assert n_lora == lora_params(TINY, ("q_lin", "v_lin"), 4)
     # 2x the weight products, 3x attention, + the branch; frozen layer-0 inputs need no gradient: a little less
-    estimate = train_step_flops(TINY, "lora", profile.replace(r=4))
+    estimate = train_step_flops(TINY, method_spec("lora").replace(r=4), profile)
     measured = counted(lora, batch(3, 10), backward=True)
     assert 0.85 * estimate <= measured <= estimate
     head = tiny()
-    freeze_all_except(head, profile.head_modules)
+    freeze_all_except(head, HEAD_MODULES)
     measured = counted(head, batch(3, 10), backward=True)
     assert 3 * forward_flops(TINY, 10) <= measured <= 1.05 * train_step_flops(TINY, "head", profile)
 

@@ -5,8 +5,16 @@ import torch
 import torch.nn as nn
 
 from lora_helpers import LoRALinear, apply_lora, get_profile, lora_layers
-from lora_helpers.experiments import TARGET_SETS, lora_param_count, max_rank, rank_for_budget, study_profile
+from lora_helpers.experiments import (
+    TARGET_SETS,
+    lora_param_count,
+    lora_variant,
+    max_rank,
+    rank_for_budget,
+    study_profile,
+)
 from lora_helpers.lora import pissa_init_
+from lora_helpers.methods import method_spec
 
 
 class Block(nn.Module):
@@ -72,20 +80,20 @@ def test_study_profile_scales_from_the_profile():
     study_gpu = study_profile(gpu)  # twenty runs on a T4: fewer reviews, at most 256 tokens, one pass
     assert (study_gpu.n_train, study_gpu.n_test) == (12_000, 10_000)
     assert (study_gpu.max_length, study_gpu.epochs) == (256, 1)
-    # nothing else changed but the two settings every study shares: dropout off (PiSSA), one validation pass
+    # nothing else changed but the setting every study shares: one validation pass
     assert (
         study_gpu.replace(
             n_train=gpu.n_train,
             n_test=gpu.n_test,
             max_length=gpu.max_length,
             epochs=gpu.epochs,
-            lora_dropout=gpu.lora_dropout,
             eval_every=gpu.eval_every,
         )
         == gpu
     )
-    assert (study_gpu.lora_dropout, study_gpu.eval_every, study_profile(smoke).lora_dropout) == (0.0, None, 0.0)
-    assert study_profile(smoke).lr_lora == smoke.lr_lora  # the rate tuned on validation (notebook 04's sweep)
+    assert (study_gpu.eval_every, study_profile(smoke).eval_every, study_profile(smoke).name) == (None, None, "quick")
+    assert method_spec("lora", study_profile(smoke)).lr == method_spec("lora", smoke).lr  # tuned in notebook 04
+    assert lora_variant(("q_lin", "v_lin"), 8).lora_dropout == 0.0  # the studies' LoRA: no dropout (PiSSA)
     assert study_profile(smoke, n_train=10).n_train == 10
 
 

@@ -16,7 +16,15 @@ from lora_helpers import PROFILES, count_parameters, get_profile, load_adapter, 
 from lora_helpers.backbone import load_backbone
 from lora_helpers.data import load_imdb
 from lora_helpers.loop import encode, evaluate, make_batches, predict, train
-from lora_helpers.methods import ALL_BLOCK_LINEARS, METHODS, MethodSpec, method_spec, param_groups, prepare_method
+from lora_helpers.methods import (
+    ALL_BLOCK_LINEARS,
+    HEAD_MODULES,
+    METHODS,
+    MethodSpec,
+    method_spec,
+    param_groups,
+    prepare_method,
+)
 
 SMOKE = PROFILES["quick"]
 MAX_LENGTH = 32
@@ -50,7 +58,7 @@ def backbone(seed=0):
 
 
 def head_params(model):
-    return sum(p.numel() for name in SMOKE.head_modules for p in model.get_submodule(name).parameters())
+    return sum(p.numel() for name in HEAD_MODULES for p in model.get_submodule(name).parameters())
 
 
 # ------------------------------------------------------------------ batching
@@ -211,18 +219,18 @@ def test_prepare_method_trainable_counts():
         elif method == "head":
             assert count.trainable == head == 384 * 384 + 384 + 384 * 2 + 2 and names == []
         elif method in ("lora", "lora-nodrop"):  # the same layers; lora-nodrop without dropout on the branch
-            assert len(names) == 12 and all(n.rsplit(".", 1)[1] in SMOKE.target_modules for n in names)
+            assert len(names) == 12 and all(n.rsplit(".", 1)[1] in ("q_lin", "v_lin") for n in names)
             dropout = {type(layer.lora_dropout).__name__ for layer in layers.values()}
             assert dropout == ({"Identity"} if method == "lora-nodrop" else {"Dropout"}), (method, dropout)
-            assert {layer.r for layer in layers.values()} == {SMOKE.r}
-            assert lora == 12 * SMOKE.r * (384 + 384)
+            assert {layer.r for layer in layers.values()} == {8}
+            assert lora == 12 * 8 * (384 + 384)
             assert count.trainable == lora + head
             assert count.percent < 2
         else:  # lora-all: every Linear of the 6 blocks at the same r and alpha
             assert len(names) == 36 and {n.rsplit(".", 1)[1] for n in names} == set(ALL_BLOCK_LINEARS)
-            assert {layer.r for layer in layers.values()} == {SMOKE.r}
-            assert {layer.scaling for layer in layers.values()} == {SMOKE.lora_alpha / SMOKE.r}
-            assert lora == 6 * SMOKE.r * (4 * 768 + 2 * (384 + 1536))
+            assert {layer.r for layer in layers.values()} == {8}
+            assert {layer.scaling for layer in layers.values()} == {16 / 8}
+            assert lora == 6 * 8 * (4 * 768 + 2 * (384 + 1536))
             assert count.trainable == lora + head
 
 
@@ -268,7 +276,7 @@ def test_adapter_round_trip_on_the_distilbert_classifier(tmp_path, imdb):
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(0, 0.05)
         model.classifier.weight.add_(0.1)
-    save_adapter(model, tmp_path / "adapter", extra=SMOKE.head_modules)
+    save_adapter(model, tmp_path / "adapter", extra=HEAD_MODULES)
 
     fresh, _ = backbone(seed=1)  # another head: it must come from the adapter
     load_adapter(fresh, tmp_path / "adapter")

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from lora_helpers import get_profile
+from lora_helpers import get_profile, method_spec
 from lora_helpers.compare import (
     compare_methods,
     control_comparison,
@@ -65,7 +65,7 @@ def tiny_data(n_train=32, n_val=16, n_test=16, length=10, seed=0) -> TokenizedDa
 
 @pytest.fixture
 def profile():
-    return get_profile("quick", lr_lora=5e-3, lr_full=1e-3, lr_head=5e-3, epochs=2, eval_every=3)
+    return get_profile("quick", epochs=2, eval_every=3)
 
 
 # ------------------------------------------------------------------ splits
@@ -140,7 +140,7 @@ def test_compare_methods_tunes_seeds_and_tests_once(profile):
     assert results["head_lr"] == best_head
     assert all(r.head_lr == best_head for rs in runs.values() for r in rs)  # every head trained alike
     assert runs["lora"][0].lr == best_run(results["sweep"]["lora"]).lr == runs["lora"][1].lr
-    assert runs["full"][0].lr == profile.lr_full  # not swept: the profile's rate
+    assert runs["full"][0].lr == method_spec("full", profile).lr == 1e-4  # not swept: the rate tuned for quick
     assert all(r.test is not None for rs in runs.values() for r in rs)
     assert all(r.test is None for r in results["sweep"]["lora"] if r is not runs["lora"][0])
     tests = paired_tests(results)
@@ -194,7 +194,7 @@ def test_an_edge_optimum_grows_the_grid_and_the_control_reruns_the_configuration
 
 def test_variants_race_under_their_own_names(profile):
 
-    spec = lora_variant(("q_lin",), 2, profile=profile, name="q r=2")
+    spec = lora_variant(("q_lin",), 2, name="q r=2")
     results = compare_methods(
         profile,
         methods=("head", spec),

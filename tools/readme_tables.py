@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_helpers.compare import committed_run, control_comparison, control_line, results_table, summary_rows
 from lora_helpers.experiments import SECTION7_CLAIMS, claim_reading
-from lora_helpers.profiles import PROFILES
+from lora_helpers.methods import method_spec
 from lora_helpers.stats import EQUIVALENCE_MARGIN, seed_verdict, seeds_needed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def dropout_line(run: dict, rows: list) -> str:
     val = seed_verdict(
         [a["val_accuracy"] - b["val_accuracy"] for a, b in zip(run["runs"]["lora-nodrop"], run["runs"]["lora"])]
     )
-    setting = "trains LoRA without dropout" if PROFILES["cpu"].lora_dropout == 0 else "keeps dropout 0.1"
+    setting = "trains LoRA without dropout" if method_spec("lora", "cpu").lora_dropout == 0 else "keeps dropout 0.1"
     return (
         f"Dropout on LoRA's branch, on validation (each at its own rate): 0.1 reached {drop['val_mean']:.3f} "
         f"at {drop['lr']:g}, 0 reached {nodrop['val_mean']:.3f} at {nodrop['lr']:g}; seed by seed, no dropout "
