@@ -164,6 +164,7 @@ def compare_methods(
     extend_grid: bool = False,
     control: str | None = None,
     sweep_seed: int | None = None,
+    head_lr: float | None = None,
 ) -> dict:
     """Train each method with each seed on the same reviews; test each once, at the end.
 
@@ -174,7 +175,8 @@ def compare_methods(
     winning sweep run is reused as that method's ``seeds[0]`` run, which saves a run but makes that
     seed a selected one (its test accuracy is biased up a little, more so with more rates tried);
     ``sweep_seed``: sweep with this seed instead, one that is never tested, and train every seed
-    afresh. Methods not swept train at the rates tuned for the profile (``methods.REGISTRY``).
+    afresh. Methods not swept train at their spec's ``lr``, else the rate tuned for the profile
+    (``methods.REGISTRY``); every new head at ``head_lr`` (default: the head-only method's tuned rate).
     ``extend_grid``: grow a grid whose best rate sits at its edge (``extended_sweep``).
     ``control``: one of ``methods`` trained again with as many new seeds (``seeds`` shifted past the
     last), at its chosen rate: two groups of seeds of one configuration, the noise yardstick of the
@@ -206,7 +208,8 @@ def compare_methods(
         data = tokenize(load_splits(profile, verbose=verbose), tokenizer, profile)
     lrs = dict(lrs or {})
     order = sorted(methods, key=lambda m: m != "head") if "head" in lrs else list(methods)
-    head_lr, chosen, swept, runs = head_learning_rate(profile), {}, {}, {}
+    head_lr = head_learning_rate(profile) if head_lr is None else head_lr
+    chosen, swept, runs = {}, {}, {}
     for method in order:
         spec = specs[method]
         first = None
