@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .methods import HEAD_MODULES, METHODS
-from .profiles import PROFILES, default_profile_name, get_profile
+from .profiles import PROFILES, Profile, default_profile_name, get_profile
 from .utils import machine_line, write_files_atomically
 
 # Profile fields that a run can override from the command line (--n-train sets n_train, ...)
@@ -95,7 +97,9 @@ def _device(text: str) -> str:
     return text
 
 
-def check_output_paths(parser: argparse.ArgumentParser, files=(), folders=()) -> None:
+def check_output_paths(
+    parser: argparse.ArgumentParser, files: Iterable[str | os.PathLike] = (), folders: Iterable[str | os.PathLike] = ()
+) -> None:
     """Before any work: every output file and folder can be written (else a one-line error, exit 2)."""
     from .utils import check_can_write
 
@@ -142,7 +146,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def profile_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Profile:
     """The chosen profile with the overrides given on the command line applied."""
     try:
         return get_profile(args.profile, **_overrides(args))
@@ -555,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lora_helpers`` and of the ``lora-helpers`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -70,7 +70,9 @@ def lora_state_dict(model: nn.Module, extra: Iterable[str] = ()) -> dict[str, to
     }
 
 
-def save_adapter(model: nn.Module, path, extra: Iterable[str] = (), base_model: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = (), base_model: str | None = None
+) -> Path:
     """Write the adapter (tensors + JSON config) into the folder ``path``; returns the folder.
 
     Everything is checked and serialised before anything is written; both files are
@@ -228,7 +230,7 @@ def _config_problems(config: dict) -> list[str]:
     return problems
 
 
-def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, tensors)`` of a saved adapter, with a clear error if the folder is not one.
 
     The config is checked (every key present and of the right type) and completed with
@@ -373,7 +375,7 @@ def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Put a saved adapter into ``model``: wrap the layers it targets (if not yet), then load its tensors.
 
     Raises ``ValueError`` naming each layer or tensor that does not fit, before

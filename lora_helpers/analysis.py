@@ -19,6 +19,8 @@ fine-tuning update low rank?) and used at length in notebook 05
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .svd import energy_captured
@@ -35,7 +37,9 @@ def _cpu64(M) -> torch.Tensor:
     return torch.as_tensor(M).detach().cpu().double()
 
 
-def weight_updates(pretrained_state: dict, model, suffixes=("q_lin.weight", "v_lin.weight")) -> dict:
+def weight_updates(
+    pretrained_state: dict, model: torch.nn.Module, suffixes: Sequence[str] = ("q_lin.weight", "v_lin.weight")
+) -> dict:
     """``{name: W_now - W_pretrained}`` for every weight whose name ends with a suffix.
 
     ``pretrained_state`` is a copy of the state dict taken before training, e.g.

@@ -22,6 +22,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -37,6 +38,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from .data import REPO_ROOT, hub_reachable, offline_env_var
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BACKBONES = ("auto", "distilbert-base-uncased", "minilm-standin")
 DISTILBERT = "distilbert-base-uncased"
@@ -260,7 +264,9 @@ def _size(model) -> str:
     return f"{c.n_layers} layers, dim {c.dim}, {model.num_parameters() / 1e6:.1f}M parameters"
 
 
-def load_backbone(name="auto", num_labels=2, seed=0, verbose=True):
+def load_backbone(
+    name: str | os.PathLike = "auto", num_labels: int = 2, seed: int = 0, verbose: bool = True
+) -> tuple[DistilBertForSequenceClassification, PreTrainedTokenizerBase, str]:
     """``(model, tokenizer, description)`` for sequence classification with ``num_labels`` classes.
 
     ``name``: ``"distilbert-base-uncased"`` (needs internet or a cached copy),

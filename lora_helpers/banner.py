@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import textwrap
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -34,7 +35,9 @@ def _batch(model, rows: int, length: int, device) -> dict:
     }
 
 
-def time_steps(model, profile: Profile, methods, device, steps: int = 3) -> dict:
+def time_steps(
+    model: torch.nn.Module, profile: Profile, methods: Iterable[str], device: str | torch.device, steps: int = 3
+) -> dict:
     """Seconds per training step of each method, and per evaluation batch, timed on copies of ``model``.
 
     Each copy is prepared as the method's run prepares it, trains one untimed step (warm-up) and
@@ -94,7 +97,13 @@ def _sizes(p: Profile) -> str:
     )
 
 
-def print_banner(profile: Profile, model, about: str, device=None, plan: dict | None = None) -> dict:
+def print_banner(
+    profile: Profile,
+    model: torch.nn.Module,
+    about: str,
+    device: str | torch.device | None = None,
+    plan: dict | None = None,
+) -> dict:
     """Print what this notebook runs (profile, backbone, device, data) and its estimated time here.
 
     ``plan`` maps a method name (``methods.METHODS``) to the number of training runs the notebook

@@ -28,8 +28,10 @@ import importlib.resources
 import json
 import math
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -42,9 +44,14 @@ from .backbone import load_backbone
 from .lora import count_parameters
 from .memory import training_memory_formula
 from .methods import HEAD_MODULES, MethodSpec, head_learning_rate, method_spec, prepare_method
-from .runner import best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
+from .runner import TokenizedData, best_run, load_splits, mcnemar, mean_sd, run, score_test, sweep, tokenize
 from .stats import EQUIVALENCE_MARGIN, compare_runs, gap_recovered
 from .utils import get_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .profiles import Profile
 
 
 def committed_runs() -> list[str]:
@@ -73,7 +80,7 @@ CHECKPOINT_WHAT = {"full": "whole model state", "lora": "LoRA A, B + head", "hea
 # ------------------------------------------------------------------ costs, exact
 
 
-def checkpoint_bytes(model, kind: str, head_modules=HEAD_MODULES) -> int:
+def checkpoint_bytes(model: torch.nn.Module, kind: str, head_modules: Iterable[str] = HEAD_MODULES) -> int:
     """Bytes on disk of what must be saved to keep the fine-tuned model (written to a temporary folder).
 
     Depends only on the shapes, so a freshly prepared (untrained) model gives the same number.
@@ -96,7 +103,11 @@ def optimizer_bytes(n_trainable: int, bytes_per_value: int = 4) -> int:
     return f["gradients"] + f["optimizer_state"]
 
 
-def method_costs(profile, methods, backbone=None) -> dict:
+def method_costs(
+    profile: Profile,
+    methods: Iterable[str],
+    backbone: Callable[..., tuple[torch.nn.Module, PreTrainedTokenizerBase, str]] | None = None,
+) -> dict:
     """Per method: trainable / total parameters, gradient + AdamW bytes, checkpoint bytes (from the shapes)."""
     base, _, _ = (backbone or load_backbone)(profile.backbone, seed=profile.seed, verbose=False)
     out = {}
@@ -128,7 +139,19 @@ def next_rate(lr: float, up: bool) -> float:
     return float(f"{nxt:.0e}")  # 3e-05, not 2.9999999999999997e-05
 
 
-def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone, verbose, max_extra: int = 4) -> list:
+def extended_sweep(
+    spec: MethodSpec,
+    data: TokenizedData,
+    profile: Profile,
+    lrs: Iterable[float],
+    *,
+    seed: int | None,
+    head_lr: float | None,
+    device: str | torch.device | None,
+    backbone: Callable[..., tuple[torch.nn.Module, PreTrainedTokenizerBase, str]] | None,
+    verbose: bool,
+    max_extra: int = 4,
+) -> list:
     """``runner.sweep`` over ``lrs``, then one more rate beyond the edge while the best is at an edge of the grid.
 
     A rate chosen at the edge of its grid may be under- or over-tuned: the grid grows (half a decade at a
@@ -153,13 +176,13 @@ def extended_sweep(spec, data, profile, lrs, *, seed, head_lr, device, backbone,
 
 
 def compare_methods(
-    profile,
-    methods=("full", "lora", "lora-all", "head"),
-    seeds=(0, 1, 2),
+    profile: Profile,
+    methods: Sequence[str | MethodSpec] = ("full", "lora", "lora-all", "head"),
+    seeds: Iterable[int] = (0, 1, 2),
     lrs: dict | None = None,
-    data=None,
-    device=None,
-    backbone=None,
+    data: TokenizedData | None = None,
+    device: str | torch.device | None = None,
+    backbone: Callable[..., tuple[torch.nn.Module, PreTrainedTokenizerBase, str]] | None = None,
     verbose: bool = True,
     extend_grid: bool = False,
     control: str | None = None,
@@ -305,7 +328,7 @@ def compare_methods(
     }
 
 
-def paired(runs_a: list, runs_b: list, labels) -> list[dict]:
+def paired(runs_a: list, runs_b: list, labels: Sequence[int]) -> list[dict]:
     """McNemar's test of ``runs_a`` against ``runs_b`` seed by seed (the runs of one seed paired), on the test split.
 
     A per-model test: is *this* model of A more accurate than *this* model of B on these reviews? It ignores
@@ -460,7 +483,7 @@ def _verdict_text(row: dict) -> str:
     return row["verdict"] + (f", {row['direction']}" if row.get("direction") and row["verdict"] == "equivalent" else "")
 
 
-def results_table(rows) -> str:
+def results_table(rows: Sequence[dict]) -> str:
     """A markdown table, one row per method (``summary_rows``): accuracy over seeds; against the reference the
     mean seed-level difference, its 95% interval and verdict, the share of the head -> full gap recovered, and
     McNemar's p per seed (a per-model test, not the verdict)."""
@@ -526,7 +549,7 @@ def _percent(p: float) -> str:
     return f"{p:.0f}%" if p >= 10 else f"{p:.2g}%"
 
 
-def plot_sweep(results: dict, ax=None):
+def plot_sweep(results: dict, ax: plt.Axes | None = None) -> plt.Axes:
     """Validation accuracy against the method's own learning rate (log axis), one line per method."""
     sweep = _runs_json(results, "sweep")
     if ax is None:
@@ -550,7 +573,7 @@ def plot_sweep(results: dict, ax=None):
     return ax
 
 
-def plot_val_curves(results: dict, ax=None):
+def plot_val_curves(results: dict, ax: plt.Axes | None = None) -> plt.Axes:
     """Validation accuracy during training, mean over seeds (band: min to max), one line per method."""
     runs = _runs_json(results, "runs")
     if ax is None:
@@ -573,7 +596,9 @@ def plot_val_curves(results: dict, ax=None):
     return ax
 
 
-def plot_accuracy(rows, ax=None, title: str = "Test accuracy per seed (bar: mean)"):
+def plot_accuracy(
+    rows: Sequence[dict], ax: plt.Axes | None = None, title: str = "Test accuracy per seed (bar: mean)"
+) -> plt.Axes:
     """Test accuracy of every seed as dots, the mean as a bar, per method."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
@@ -600,7 +625,7 @@ def plot_accuracy(rows, ax=None, title: str = "Test accuracy per seed (bar: mean
 
 
 @contextmanager
-def single_thread():
+def single_thread() -> Iterator[None]:
     """torch on one thread inside the block: a 384 x 384 SVD gains nothing from a second thread, and on
     a busy CPU two threads made it ~100x slower (6.7 s instead of 0.04 s)."""
     threads = torch.get_num_threads()
@@ -664,7 +689,9 @@ def low_rank_report(
 
 
 @single_thread()
-def plot_update_spectra(updates: dict, k: int = 8, title: str = "Singular values of the full fine-tuning update dW"):
+def plot_update_spectra(
+    updates: dict, k: int = 8, title: str = "Singular values of the full fine-tuning update dW"
+) -> plt.Figure:
     """Normalised singular values of each dW (q_lin blue, v_lin orange), and of a ``random_like`` matrix."""
     fig, ax = plt.subplots(figsize=(8, 4))
     spectra = {short_name(n): dW for n, dW in updates.items()}

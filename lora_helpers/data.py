@@ -222,7 +222,14 @@ def _check_size(n, name: str):
     return None if n is None else check_int(name, n, 1, hint="reviews; None: the whole split")
 
 
-def load_imdb(n_train=None, n_test=None, seed=0, data_dir=None, clean=True, verbose=True) -> DatasetDict:
+def load_imdb(
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    clean: bool = True,
+    verbose: bool = True,
+) -> DatasetDict:
     """IMDb as a ``DatasetDict`` (``train``/``test``; columns ``text``, ``label``).
 
     ``n_train``/``n_test``: size of a seeded, label-balanced subset (None = the

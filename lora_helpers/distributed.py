@@ -33,6 +33,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -258,7 +259,7 @@ def run_data_parallel(
     }
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lora_helpers.distributed",
         description="LoRA trained data-parallel on CPU processes (gloo), "

@@ -36,13 +36,18 @@ from __future__ import annotations
 import importlib.resources
 import json
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from transformers import DistilBertConfig
 
 from .lora import lora_parameters
 from .methods import ALL_BLOCK_LINEARS, MethodSpec, method_spec
 from .utils import check_int
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 # The two backbones of the series, by shape only (no weights needed to count FLOPs).
 SHAPES = {
@@ -99,7 +104,7 @@ def _shape(profile):
     return SHAPES["minilm-standin" if profile.backbone == "minilm-standin" else "distilbert-base-uncased"]
 
 
-def forward_parts(config, seq_len: int, num_labels: int = 2) -> tuple[int, int]:
+def forward_parts(config: DistilBertConfig, seq_len: int, num_labels: int = 2) -> tuple[int, int]:
     """FLOPs of one forward pass over one sequence: (products with weights, attention products)."""
     check_int("seq_len (max_length)", seq_len, 1, getattr(config, "max_position_embeddings", None))
     check_int("num_labels", num_labels, 1)
@@ -109,12 +114,12 @@ def forward_parts(config, seq_len: int, num_labels: int = 2) -> tuple[int, int]:
     return weights, attention
 
 
-def forward_flops(config, seq_len: int, num_labels: int = 2) -> int:
+def forward_flops(config: DistilBertConfig, seq_len: int, num_labels: int = 2) -> int:
     """FLOPs of one forward pass over one sequence of ``seq_len`` tokens (matrix products only)."""
     return sum(forward_parts(config, seq_len, num_labels))
 
 
-def lora_params(config, targets, r: int) -> int:
+def lora_params(config: DistilBertConfig, targets: Sequence[str], r: int) -> int:
     """A and B of every wrapped matrix: r (d_in + d_out) each, in every block."""
     shapes = {
         "q_lin": (config.dim, config.dim),
@@ -130,7 +135,7 @@ def lora_params(config, targets, r: int) -> int:
     return config.n_layers * lora_parameters((shapes[t] for t in targets), r)
 
 
-def train_step_flops(config, method, profile) -> float:
+def train_step_flops(config: DistilBertConfig, method: str | MethodSpec, profile: Profile) -> float:
     """FLOPs of one training step of ``method`` (a name or a ``MethodSpec``) on a batch of ``profile.batch_size`` x
     ``profile.max_length``."""
     spec = method if isinstance(method, MethodSpec) else method_spec(method, profile)
@@ -142,7 +147,7 @@ def train_step_flops(config, method, profile) -> float:
     return profile.batch_size * per_sequence
 
 
-def run_flops(profile, method: str = "lora", config=None) -> dict:
+def run_flops(profile: Profile, method: str = "lora", config: DistilBertConfig | None = None) -> dict:
     """FLOPs of one run of ``method`` on ``profile`` (batches padded to ``max_length``): ``train``, ``val`` (every
     validation pass), ``test`` (the one test pass), ``total``; and its ``steps`` and validation passes ``evals``."""
     config = config or _shape(profile)
@@ -157,14 +162,14 @@ def run_flops(profile, method: str = "lora", config=None) -> dict:
     return {"steps": steps, "evals": evals, **cost, "total": sum(cost.values())}
 
 
-def compare_plan(methods, seeds: int, sweep: bool) -> list:
+def compare_plan(methods: Iterable[str], seeds: int, sweep: bool) -> list:
     """The runs of ``python -m lora_helpers compare``: ``(method, runs, of them tested)``. With ``sweep``, one run
     per rate of the method's sweep grid at the first seed (the best one reused), then the other seeds."""
 
     return [(m, (len(method_spec(m).sweep) + seeds - 1) if sweep else seeds, seeds) for m in methods]
 
 
-def notebook_plan(notebook: str, profile) -> tuple:
+def notebook_plan(notebook: str, profile: Profile) -> tuple:
     """``(profile the notebook's runs use, [(method, runs, tested)])`` for notebook 03, 04, 05 or 07."""
     if notebook not in NOTEBOOK_PLANS:
         raise ValueError(f"no estimate for notebook {notebook!r}: choose one of {sorted(NOTEBOOK_PLANS)}")
@@ -176,7 +181,9 @@ def notebook_plan(notebook: str, profile) -> tuple:
     return profile, [(m, n, n) for m, n in plan["runs"].items()]
 
 
-def plan_cost(profile, runs, device: str, config=None) -> tuple[float, float]:
+def plan_cost(
+    profile: Profile, runs: Iterable[tuple[str, int, int]], device: str, config: DistilBertConfig | None = None
+) -> tuple[float, float]:
     """``(FLOPs, estimated seconds on device)`` of ``runs`` (``(method, runs, tested)``) on ``profile``."""
     dev = DEVICES[device]
     flops = secs = 0.0
@@ -189,7 +196,7 @@ def plan_cost(profile, runs, device: str, config=None) -> tuple[float, float]:
     return flops, secs
 
 
-def notebook_flops(notebook: str, profile, config=None) -> float:
+def notebook_flops(notebook: str, profile: Profile, config: DistilBertConfig | None = None) -> float:
     """FLOPs of the training runs (and their evaluation) of a notebook on ``profile``."""
     sized, runs = notebook_plan(notebook, profile)
     return plan_cost(sized, runs, "T4", config)[0]
@@ -239,7 +246,7 @@ def duration(s: float) -> str:
     return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
-def estimate_table(profile, runs) -> str:
+def estimate_table(profile: Profile, runs: Sequence[tuple[str, int, int]]) -> str:
     """Compute (PFLOP) and estimated time per device (rows) and backbone shape (columns) of ``runs`` on ``profile``."""
     lines = [
         f"{'':<38}" + "".join(f"{LABELS[n]:>24}" for n in SHAPES),
@@ -259,7 +266,7 @@ def estimate_table(profile, runs) -> str:
     return "\n".join(lines)
 
 
-def print_estimate(notebook: str, profile) -> None:
+def print_estimate(notebook: str, profile: Profile) -> None:
     """Print, before the long cells, what notebook ``notebook`` will train on ``profile`` and how long it may take."""
     sized, runs = notebook_plan(notebook, profile)
     steps = run_flops(sized, "lora")["steps"]

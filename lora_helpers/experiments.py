@@ -15,6 +15,8 @@ Introduced in notebook 05 (``05_rank_and_what_lora_learns.ipynb``). It offers
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -61,17 +63,17 @@ def _target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
     return {n: m for n, m in linears.items() if _matches(n, targets)}
 
 
-def lora_param_count(model: nn.Module, targets, r: int) -> int:
+def lora_param_count(model: nn.Module, targets: str | Iterable[str], r: int) -> int:
     """Trainable LoRA parameters of rank ``r`` on ``targets``: ``sum r * (d_in + d_out)`` (model unchanged)."""
     return lora_parameters(((m.in_features, m.out_features) for m in _target_linears(model, targets).values()), r)
 
 
-def max_rank(model: nn.Module, targets) -> int:
+def max_rank(model: nn.Module, targets: str | Iterable[str]) -> int:
     """The largest rank every targeted layer admits: ``min(d_in, d_out)`` over the layers."""
     return min(min(m.in_features, m.out_features) for m in _target_linears(model, targets).values())
 
 
-def rank_for_budget(model: nn.Module, targets, budget: int) -> int:
+def rank_for_budget(model: nn.Module, targets: str | Sequence[str], budget: int) -> int:
     """The rank whose LoRA parameter count on ``targets`` is nearest to ``budget`` (at least 1).
 
     The count is linear in r (``r * per_rank``), so the nearest count is
@@ -88,7 +90,7 @@ def rank_for_budget(model: nn.Module, targets, budget: int) -> int:
 # ------------------------------------------------------------------ run settings and data
 
 
-def study_profile(profile: Profile, **overrides) -> Profile:
+def study_profile(profile: Profile, **overrides: Any) -> Profile:
     """The settings notebook 05's studies run with: ``profile`` with its ``study`` sizes, then ``overrides``.
 
     About twenty runs share one notebook, so each must be short (``profiles.PROFILES`` says how
@@ -103,7 +105,7 @@ def study_profile(profile: Profile, **overrides) -> Profile:
 
 
 def lora_variant(
-    targets,
+    targets: str | Iterable[str],
     r: int,
     alpha: float = 16,
     rslora: bool = False,
@@ -135,7 +137,9 @@ def lora_variant(
 # ------------------------------------------------------------------ the committed study (Tables 5 and 6)
 
 
-def section7_specs(model: nn.Module, reference=("q_lin", "v_lin"), r: int = 8, ranks=(1, 64)) -> list[MethodSpec]:
+def section7_specs(
+    model: nn.Module, reference: Sequence[str] = ("q_lin", "v_lin"), r: int = 8, ranks: Iterable[int] = (1, 64)
+) -> list[MethodSpec]:
     """The LoRA variants of notebook 05's committed IMDb study, all at the paper's scale ``alpha / r``:
 
     * which matrices at one parameter budget (the paper's Table 5): the budget of ``reference`` at rank

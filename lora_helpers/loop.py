@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -24,10 +26,13 @@ from tqdm.std import tqdm
 
 from .utils import ArgumentError, PeakMemory, check_int, check_real, get_device
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 # ------------------------------------------------------------------ batching
 
 
-def check_max_length(tokenizer, max_length) -> None:
+def check_max_length(tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
     """``max_length`` must leave room for one token of text after the special tokens ([CLS], [SEP]).
 
     Below that the tokenizer cannot truncate and returns the whole review (hundreds of tokens).
@@ -52,7 +57,7 @@ def check_positions(model: nn.Module, length: int, what: str = "max_length") -> 
         )
 
 
-def check_texts(texts) -> list[str]:
+def check_texts(texts: str | Iterable[str]) -> list[str]:
     """``texts`` as a list of non-empty strings: an empty review would train or score on nothing but [CLS] [SEP]."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     for i, t in enumerate(texts):
@@ -63,13 +68,20 @@ def check_texts(texts) -> list[str]:
     return texts
 
 
-def encode(texts, tokenizer, max_length: int) -> list[list[int]]:
+def encode(texts: str | Iterable[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[list[int]]:
     """Token ids of each text, truncated to ``max_length`` (no padding yet)."""
     check_max_length(tokenizer, max_length)
     return tokenizer(check_texts(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
-def make_batches(input_ids, labels, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0):
+def make_batches(
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[int],
+    batch_size: int,
+    pad_id: int,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
     """A list of batches, each padded only to its own longest review (dynamic padding)."""
     check_int("batch_size", batch_size, 1)
     if len(input_ids) != len(labels):
@@ -121,7 +133,7 @@ def _bars_disabled() -> bool:
     return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def choose_precision(device) -> str:
+def choose_precision(device: str | torch.device) -> str:
     """The precision a training step runs in on ``device``: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
 
     * ``"bf16"`` on a GPU with bfloat16 units (CUDA compute capability 8.0 or
@@ -157,7 +169,15 @@ def _grad_scaler(precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
 
-def train_step(model: nn.Module, batch: dict, optimizer, scaler, params, max_grad_norm: float, device) -> float:
+def train_step(
+    model: nn.Module,
+    batch: dict,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: Iterable[torch.Tensor],
+    max_grad_norm: float,
+    device: str | torch.device,
+) -> float:
     """One step: forward, loss, backward (scaled for fp16), clip the gradient norm, optimizer step, zero_grad."""
     device = torch.device(device)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -179,17 +199,17 @@ def train_step(model: nn.Module, batch: dict, optimizer, scaler, params, max_gra
 
 def train(
     model: nn.Module,
-    train_batches,
-    eval_batches=None,
+    train_batches: Sequence[dict[str, torch.Tensor]],
+    eval_batches: Sequence[dict[str, torch.Tensor]] | None = None,
     *,
     lr: float | None = None,
-    param_groups=None,
+    param_groups: Sequence[dict] | None = None,
     epochs: int = 1,
     eval_every: int | None = None,
     warmup_ratio: float = 0.06,
     weight_decay: float = 0.01,
     max_grad_norm: float = 1.0,
-    device=None,
+    device: str | torch.device | None = None,
     desc: str = "train",
 ) -> TrainResult:
     """Train the parameters that have ``requires_grad``; evaluate on ``eval_batches`` as it goes.
@@ -275,7 +295,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device=None) -> dict:
+def evaluate(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: str | torch.device | None = None
+) -> dict:
     """Accuracy, mean loss, the confusion matrix (rows: true label, columns: predicted) and each prediction."""
     if hasattr(batches, "__len__") and len(batches) == 0:
         raise ValueError("no batches to evaluate: accuracy and loss are undefined on an empty test set")
@@ -306,7 +328,13 @@ def evaluate(model: nn.Module, batches, device=None) -> dict:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, tokenizer, texts, max_length: int = 256, device=None) -> list[dict]:
+def predict(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: str | Iterable[str],
+    max_length: int = 256,
+    device: str | torch.device | None = None,
+) -> list[dict]:
     """Label and class probabilities for each text (IMDb: 0 = negative, 1 = positive).
 
     ``texts``: a list of strings, or one string (one review, one prediction); an empty

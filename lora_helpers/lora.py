@@ -258,7 +258,7 @@ def _check_lora_args(base, r, lora_alpha, lora_dropout) -> tuple[int, float, flo
     return r, alpha, lora_dropout
 
 
-def lora_parameters(shapes, r: int) -> int:
+def lora_parameters(shapes: Iterable[tuple[int, int]], r: int) -> int:
     """Trainable parameters of rank-``r`` LoRA on matrices of the given ``(d_in, d_out)`` shapes.
 
     ``A`` is ``r x d_in`` and ``B`` is ``d_out x r``: ``r (d_in + d_out)`` per matrix, against
@@ -336,7 +336,7 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def apply_lora(
     model: nn.Module,
-    target_modules,
+    target_modules: str | Iterable[str],
     r: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
@@ -385,7 +385,14 @@ def apply_lora(
     return wrap_layers(model, chosen, r, lora_alpha, lora_dropout, use_rslora)
 
 
-def wrap_layers(model: nn.Module, names, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False) -> list[str]:
+def wrap_layers(
+    model: nn.Module,
+    names: str | Iterable[str],
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> list[str]:
     """Wrap the ``nn.Linear`` layers at exactly these qualified names (no suffix matching), all or none.
 
     ``apply_lora`` resolves its targets to names, then calls this; loading an adapter calls it

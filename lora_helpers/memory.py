@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,9 @@ import torch.nn as nn
 from .lora import lora_parameters
 from .quant import bits_per_weight
 from .utils import check_choice, check_int, check_real
+
+if TYPE_CHECKING:
+    from transformers import DistilBertConfig, LlamaConfig
 
 MiB, GiB = 2**20, 2**30
 
@@ -147,7 +151,11 @@ def _default_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def measure_training_memory(
-    model: nn.Module, batch, optimizer: str = "adamw", lr: float = 1e-4, loss_fn: Callable | None = None
+    model: nn.Module,
+    batch: dict[str, torch.Tensor] | torch.Tensor,
+    optimizer: str = "adamw",
+    lr: float = 1e-4,
+    loss_fn: Callable | None = None,
 ) -> dict:
     """Measure, in bytes, what PyTorch holds for one training step of ``model`` on ``batch``.
 
@@ -268,7 +276,7 @@ class PaperModel:
         mlp = {"gate": (d, f), "up": (d, f), "down": (f, d)} if self.mlp == "swiglu" else {"up": (d, f), "down": (f, d)}
         return {**attention, **mlp}
 
-    def lora_params(self, r: int, matrices=("q", "v")) -> int:
+    def lora_params(self, r: int, matrices: str | Iterable[str] = ("q", "v")) -> int:
         """LoRA's trainable parameters at rank ``r`` on ``matrices`` of every block (``"all"``: every linear layer),
         plus the model's new head if it has one."""
         shapes = self.linear_shapes()
@@ -374,7 +382,7 @@ def paper_scaling_table(
 # ------------------------------------------------------------------ activations, estimated (notebook 07)
 
 
-def paper_model_from_config(config, name: str = "") -> PaperModel:
+def paper_model_from_config(config: DistilBertConfig | LlamaConfig, name: str = "") -> PaperModel:
     """A ``PaperModel`` with the shapes of a Hugging Face DistilBERT or LLaMA configuration (``n_params`` 0)."""
     kind = type(config).__name__
     if kind == "DistilBertConfig":

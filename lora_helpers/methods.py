@@ -25,11 +25,16 @@ uses ``"lora"`` and notebook 05 builds its variants with ``MethodSpec`` directly
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
 from .lora import apply_lora, freeze_all_except, lora_layers, mark_only_lora_trainable, pissa_init_
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 ALL_BLOCK_LINEARS = ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")  # every Linear of a DistilBERT block
 HEAD_MODULES = ("pre_classifier", "classifier")  # the new task head
@@ -60,11 +65,11 @@ class MethodSpec:
         if self.init not in ("zero", "pissa"):
             raise ValueError(f"init must be 'zero' (B = 0, the paper's) or 'pissa', got {self.init!r}")
 
-    def replace(self, **changes) -> MethodSpec:
+    def replace(self, **changes: Any) -> MethodSpec:
         """A copy with some fields changed, e.g. ``spec.replace(r=4, name="lora r=4")``."""
         return dataclasses.replace(self, **changes)
 
-    def for_profile(self, profile) -> MethodSpec:
+    def for_profile(self, profile: Profile | str) -> MethodSpec:
         """This method with what was tuned for ``profile`` (a ``Profile`` or its name) applied; unknown: unchanged."""
         name = profile if isinstance(profile, str) else profile.name
         return self.replace(**self.tuned.get(name, {}))
@@ -141,7 +146,7 @@ REGISTRY = {
 METHODS = {name: spec.description for name, spec in REGISTRY.items()}
 
 
-def method_spec(name: str, profile=None) -> MethodSpec:
+def method_spec(name: str, profile: Profile | str | None = None) -> MethodSpec:
     """The registered method ``name``, with what was tuned for ``profile`` (a ``Profile`` or its name) if given.
 
     ``lora`` is the paper's GLUE setting (r = 8 on ``q_lin``, ``v_lin``); ``lora-all`` the
@@ -154,7 +159,7 @@ def method_spec(name: str, profile=None) -> MethodSpec:
     return spec if profile is None else spec.for_profile(profile)
 
 
-def learning_rate(spec: MethodSpec, profile) -> float:
+def learning_rate(spec: MethodSpec, profile: Profile | str) -> float:
     """``spec``'s own rate: its ``lr``, else the rate tuned for ``profile`` for its kind (a variant of LoRA
     trains at ``lora``'s, notebook 05). A profile with no tuned rates needs one given (a sweep finds it)."""
     lr = spec.lr if spec.lr is not None else method_spec(spec.kind, profile).lr
@@ -167,12 +172,12 @@ def learning_rate(spec: MethodSpec, profile) -> float:
     return lr
 
 
-def head_learning_rate(profile) -> float:
+def head_learning_rate(profile: Profile | str) -> float:
     """The rate every method's new head trains at: the head-only method's, tuned for ``profile``."""
     return learning_rate(REGISTRY["head"], profile)
 
 
-def prepare_method(model: nn.Module, spec: MethodSpec, head_modules=HEAD_MODULES) -> list[str]:
+def prepare_method(model: nn.Module, spec: MethodSpec, head_modules: Iterable[str] = HEAD_MODULES) -> list[str]:
     """Make ``model`` ready for ``spec`` (wrap with LoRA, set ``requires_grad``); returns the LoRA layer names."""
     if spec.kind == "full":
         for p in model.parameters():
@@ -196,7 +201,7 @@ def prepare_method(model: nn.Module, spec: MethodSpec, head_modules=HEAD_MODULES
     return names
 
 
-def param_groups(model: nn.Module, lr: float, head_lr: float, head_modules=HEAD_MODULES) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, head_lr: float, head_modules: Sequence[str] = HEAD_MODULES) -> list[dict]:
     """Optimizer groups: the new head at ``head_lr``, every other trainable parameter at the method's ``lr``.
 
     Empty groups are left out (head only has no method group).

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -172,7 +172,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def set_adapter_rows(model: nn.Module, index) -> None:
+def set_adapter_rows(model: nn.Module, index: Sequence[int] | torch.Tensor) -> None:
     """Row ``i`` of the next batch goes through adapter ``index[i]`` (positions in ``mixed_adapter_model``'s names)."""
     multi = [m for m in model.modules() if isinstance(m, (MultiLoRALinear, MultiLinear))]
     if not multi:

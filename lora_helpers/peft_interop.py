@@ -26,10 +26,12 @@ Introduced in notebook 06 (``06_adapters_in_practice.ipynb``).
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
@@ -38,6 +40,9 @@ import torch.nn as nn
 from .adapters import _problem, read_json_file, read_safetensors_file, tensor_problems
 from .lora import _matches, _name_list, linear_names, lora_layers, mark_only_lora_trainable, wrap_layers
 from .utils import check_bool, check_can_write, check_int, check_real, write_files_atomically
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,7 +82,7 @@ def _target_list(model: nn.Module, wrapped: list[str]) -> list[str]:
 
 def export_to_peft(
     model: nn.Module,
-    path,
+    path: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     head_modules: Iterable[str] = ("pre_classifier", "classifier"),
     task_type: str | None = "SEQ_CLS",
@@ -249,7 +254,9 @@ def _check_targets(model: nn.Module, config: dict) -> list[str]:
     )
 
 
-def read_peft_adapter(source, adapter_name: str = "default") -> tuple[dict, dict[str, torch.Tensor]]:
+def read_peft_adapter(
+    source: str | os.PathLike | PeftModel, adapter_name: str = "default"
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config dict, tensors with PEFT's file keys)`` from a PEFT adapter folder or a live ``PeftModel``."""
     if hasattr(source, "peft_config"):  # a PeftModel in memory
         from peft import get_peft_model_state_dict
@@ -297,7 +304,9 @@ def _lora_numbers(config: dict) -> list[str]:
     return [p for p in problems if p]
 
 
-def import_from_peft(model: nn.Module, source, adapter_name: str = "default") -> nn.Module:
+def import_from_peft(
+    model: nn.Module, source: str | os.PathLike | PeftModel, adapter_name: str = "default"
+) -> nn.Module:
     """Load a PEFT LoRA adapter into ``model`` as ``LoRALinear`` layers (and its head); returns ``model``.
 
     Args:

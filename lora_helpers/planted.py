@@ -20,6 +20,7 @@ is the planted factor. Introduced in notebook 05 (``05_rank_and_what_lora_learns
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ def default_directions(d: int, k: int = 4) -> tuple[int, ...]:
     return tuple(d // 2 + step * i for i in range(k))
 
 
-def plant_update(W: torch.Tensor, directions=None, factor: float = 20.0) -> PlantedUpdate:
+def plant_update(W: torch.Tensor, directions: Iterable[int] | None = None, factor: float = 20.0) -> PlantedUpdate:
     """dW* = ``factor`` * U_k S_k V_k^T over W's singular ``directions`` (0 = W's strongest; default
     ``default_directions``).
 
@@ -73,7 +74,9 @@ def plant_update(W: torch.Tensor, directions=None, factor: float = 20.0) -> Plan
     return PlantedUpdate(dW=dW, U=U_k, V=V_k, s_in_W=S_k, factor=float(factor))
 
 
-def regression_data(W: torch.Tensor, dW: torch.Tensor, n: int = 4096, noise: float = 0.1, seed: int = 0):
+def regression_data(
+    W: torch.Tensor, dW: torch.Tensor, n: int = 4096, noise: float = 0.1, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(X, Y)``: ``n`` Gaussian inputs (n x d_in) and targets ``Y = X (W + dW)^T + noise`` (float32).
 
     The best possible mean squared error is ``noise ** 2``: the floor a good fit reaches.

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ class Profile:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 
-    def replace(self, **changes) -> Profile:
+    def replace(self, **changes: Any) -> Profile:
         """A copy with some fields changed, e.g. ``profile.replace(n_train=200)``."""
         return dataclasses.replace(self, **changes)
 
@@ -145,7 +146,7 @@ def default_profile_name() -> str:
     return os.environ.get("LORA_PROFILE") or ("gpu" if torch.cuda.is_available() else "quick")
 
 
-def get_profile(name: str | None = None, **overrides) -> Profile:
+def get_profile(name: str | None = None, **overrides: Any) -> Profile:
     """The profile ``name``, else ``$LORA_PROFILE``, else ``gpu``/``quick`` by hardware; fields overridable."""
     name = name or default_profile_name()
     if name not in PROFILES:

@@ -30,6 +30,8 @@ Introduced in notebook 07 (``07_bigger_models.ipynb``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 import torch.nn as nn
@@ -96,7 +98,11 @@ def quantize_blockwise(
 
 
 def dequantize_blockwise(
-    codes: torch.Tensor, absmax: torch.Tensor, shape, code_book: torch.Tensor | None = None, dtype=torch.float32
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: Sequence[int],
+    code_book: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The values that ``codes`` and ``absmax`` stand for, reshaped to ``shape``: ``code_book[code] * absmax``."""
     book = (nf4_code_book() if code_book is None else code_book).to(absmax.device, torch.float32)
@@ -199,7 +205,12 @@ class NF4Linear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, device=None, block_size: int = BLOCK_SIZE
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: str | torch.device | None = None,
+        block_size: int = BLOCK_SIZE,
     ):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no fp32 weight to create
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
@@ -243,7 +254,7 @@ class NF4Linear(nn.Linear):
                 self._buffers[name] = old.to(new.device)
         return self
 
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the codes stand for, ``(out_features, in_features)``."""
         return dequantize_blockwise(
             unpack_4bit(self.packed), self.absmax, (self.out_features, self.in_features), self.code_book, dtype
@@ -254,7 +265,7 @@ class NF4Linear(nn.Linear):
         return self.dequantized_weight()
 
     @weight.setter
-    def weight(self, value):
+    def weight(self, value: object) -> NoReturn:
         raise RuntimeError(
             "an NF4Linear's weight is stored as 4-bit codes and cannot be assigned: merging "
             "LoRA into it would re-quantise W0 + scaling * B A and round the trained update away. "
@@ -280,7 +291,11 @@ class NF4Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, block_size={self.block_size}"
 
 
-def quantize_model(model: nn.Module, targets=None, skip=("pre_classifier", "classifier")) -> list[str]:
+def quantize_model(
+    model: nn.Module,
+    targets: Sequence[str] | None = None,
+    skip: Sequence[str] = ("pre_classifier", "classifier"),
+) -> list[str]:
     """Replace every plain ``nn.Linear`` (those whose name ends with a ``targets`` entry, if given) by an NF4Linear.
 
     The new task head (``skip``) stays in full precision: it trains. Returns the names

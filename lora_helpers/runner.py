@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +39,11 @@ from .loop import encode, evaluate, make_batches, train
 from .lora import count_parameters, lora_layers, lora_update
 from .methods import MethodSpec, head_learning_rate, learning_rate, param_groups, prepare_method
 from .utils import get_device, set_seed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .profiles import Profile
 
 TRACKED = ("q_lin.weight", "v_lin.weight")  # matrices whose update dW a run keeps (for the Section 7 analyses)
 
@@ -60,7 +67,7 @@ def split_validation(data: DatasetDict, n_val: int, seed: int = 0) -> DatasetDic
     return DatasetDict(train=train_part.select(keep), validation=train_part.select(np.sort(val)), test=data["test"])
 
 
-def load_splits(profile, verbose: bool = True) -> DatasetDict:
+def load_splits(profile: Profile, verbose: bool = True) -> DatasetDict:
     """``profile.n_train`` training, ``profile.n_val`` validation and ``profile.n_test`` test reviews."""
     from .data import describe_imdb, load_imdb
 
@@ -114,7 +121,7 @@ class TokenizedData:
         return math.ceil(self.n_train / self.batch_size)
 
 
-def tokenize(data: DatasetDict, tokenizer, profile) -> TokenizedData:
+def tokenize(data: DatasetDict, tokenizer: PreTrainedTokenizerBase, profile: Profile) -> TokenizedData:
     """Encode ``train``/``validation``/``test`` at ``profile.max_length``, once for every run."""
     pad = tokenizer.pad_token_id
     ids = {split: encode(data[split]["text"], tokenizer, profile.max_length) for split in data}
@@ -267,16 +274,16 @@ class RunResult:
 def run(
     spec: MethodSpec,
     data: TokenizedData,
-    profile,
+    profile: Profile,
     *,
     seed: int | None = None,
     lr: float | None = None,
     head_lr: float | None = None,
     test: bool = False,
-    backbone=None,
-    device=None,
+    backbone: Callable[..., tuple[nn.Module, PreTrainedTokenizerBase, str]] | None = None,
+    device: str | torch.device | None = None,
     keep_model: bool = False,
-    track=TRACKED,
+    track: Sequence[str] = TRACKED,
     verbose: bool = False,
 ) -> RunResult:
     """Train ``spec`` from a fresh backbone on ``data``; score validation as it goes, test only if ``test``.
@@ -360,13 +367,13 @@ def score_test(result: RunResult, data: TokenizedData) -> RunResult:
 def sweep(
     spec: MethodSpec,
     data: TokenizedData,
-    profile,
-    lrs,
+    profile: Profile,
+    lrs: Iterable[float],
     *,
     seed: int | None = None,
     head_lr: float | None = None,
     verbose: bool = True,
-    **kwargs,
+    **kwargs: Any,
 ) -> list[RunResult]:
     """One run per learning rate in ``lrs``, scored on the validation split only (``keep_model=True``)."""
     out = []
@@ -385,13 +392,13 @@ def best_run(results: list[RunResult]) -> RunResult:
 # ------------------------------------------------------------------ statistics
 
 
-def mean_sd(values) -> tuple[float, float]:
+def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = list(values)
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def mcnemar(pred_a, pred_b, labels) -> dict:
+def mcnemar(pred_a: Sequence[int], pred_b: Sequence[int], labels: Sequence[int]) -> dict:
     """Exact McNemar test of two classifiers on the same examples.
 
     ``b``: examples A gets right and B wrong; ``c``: the reverse. Under the null

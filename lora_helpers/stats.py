@@ -32,7 +32,12 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .runner import RunResult
 
 # "LoRA matches full fine-tuning" means: the 95% interval of the seed-level difference lies inside
 # ±2 accuracy points. Fixed before the committed cpu comparison and Section-7 study were run (the committed
@@ -75,7 +80,7 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
-def t_interval(values, confidence: float = 0.95) -> dict:
+def t_interval(values: Iterable[float], confidence: float = 0.95) -> dict:
     """``{"n", "mean", "sd", "low", "high"}``: mean and two-sided t interval over ``values`` (one per seed).
 
     With one value the interval is undefined (``low = high = None``): one seed gives no verdict.
@@ -91,7 +96,7 @@ def t_interval(values, confidence: float = 0.95) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
-def median_interval(values, confidence: float = 0.95) -> dict:
+def median_interval(values: Iterable[float], confidence: float = 0.95) -> dict:
     """Median of ``values`` with a distribution-free interval: two order statistics.
 
     The k-th smallest of n values lies below the true median with the probability that at
@@ -112,7 +117,7 @@ def median_interval(values, confidence: float = 0.95) -> dict:
     return {"median": statistics.median(xs), "low": xs[j - 1], "high": xs[n - j], "n": n}
 
 
-def accuracy_of(run) -> float:
+def accuracy_of(run: RunResult | dict) -> float:
     """Test accuracy of a ``RunResult`` or of its ``metrics()`` dict."""
     return run["test_accuracy"] if isinstance(run, dict) else run.test_accuracy
 
@@ -146,11 +151,11 @@ def at_chance(accuracy: float, n_test: int) -> bool:
 
 
 def seed_verdict(
-    differences,
+    differences: Iterable[float],
     margin: float = EQUIVALENCE_MARGIN,
     confidence: float = 0.95,
-    accuracies_a=None,
-    accuracies_b=None,
+    accuracies_a: Iterable[float] | None = None,
+    accuracies_b: Iterable[float] | None = None,
     n_test: int | None = None,
 ) -> dict:
     """The method-level verdict on A - B from the per-seed ``differences`` (``seed_differences``).

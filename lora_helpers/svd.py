@@ -37,7 +37,7 @@ def _check_rank(r: int, W: torch.Tensor) -> None:
     check_int("rank r", r, 1, min(W.shape), hint=f"for a {tuple(W.shape)} matrix")
 
 
-def truncated_svd(W, r: int):
+def truncated_svd(W: torch.Tensor | np.ndarray, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``r`` singular triplets of ``W``: ``(U_r, S_r, Vh_r)``.
 
     ``U_r`` is (m, r), ``S_r`` is (r,) in decreasing order and ``Vh_r`` is (r, n),
@@ -52,14 +52,14 @@ def truncated_svd(W, r: int):
     return U[:, :r].to(device), S[:r].to(device), Vh[:r, :].to(device)
 
 
-def low_rank_approx(W, r: int) -> torch.Tensor:
+def low_rank_approx(W: torch.Tensor | np.ndarray, r: int) -> torch.Tensor:
     """The best rank-``r`` approximation of ``W`` (Eckart-Young): ``U_r diag(S_r) Vh_r``, on W's device."""
     device = W.device if isinstance(W, torch.Tensor) else torch.device("cpu")
     U, S, Vh = truncated_svd(torch.as_tensor(W).detach().cpu(), r)
     return ((U * S) @ Vh).to(device)
 
 
-def energy_captured(S) -> torch.Tensor:
+def energy_captured(S: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Cumulative share of the squared singular values: entry k-1 is the energy of the top k.
 
     ``energy_captured(S)[k - 1] == ||low_rank_approx(W, k)||_F^2 / ||W||_F^2``.
@@ -74,7 +74,14 @@ def energy_captured(S) -> torch.Tensor:
     return energy / energy[-1]
 
 
-def plot_singular_values(spectra, ax=None, title="Singular values", normalize=False, log=True, max_k=None):
+def plot_singular_values(
+    spectra: torch.Tensor | np.ndarray | dict[str, torch.Tensor | np.ndarray],
+    ax: plt.Axes | None = None,
+    title: str = "Singular values",
+    normalize: bool = False,
+    log: bool = True,
+    max_k: int | None = None,
+) -> plt.Axes:
     """Plot one spectrum or a ``{label: S}`` dict of spectra against their index.
 
     ``normalize=True`` divides each by its largest value so that matrices of

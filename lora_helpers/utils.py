@@ -19,6 +19,7 @@ import platform
 import random
 import threading
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def _refuse(name: str, kind: str, where: str, hint: str, got: str) -> ArgumentEr
     return ArgumentError(f"{name} must be {wanted}{f' ({hint})' if hint else ''}, got {got}")
 
 
-def check_int(name: str, value, low: int | None = None, high: int | None = None, hint: str = "") -> int:
+def check_int(name: str, value: object, low: int | None = None, high: int | None = None, hint: str = "") -> int:
     """``value`` as an ``int`` if it is a whole number (NumPy's too; not ``bool``, not ``2.0``) in ``[low, high]``.
 
     ``hint``: what the number is, for the message (``"r must be a whole number in [1, 8] (...), got 9"``).
@@ -67,7 +68,7 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
 
 def check_real(
     name: str,
-    value,
+    value: object,
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
@@ -91,7 +92,7 @@ def check_real(
     return x
 
 
-def check_choice(name: str, value, choices) -> str:
+def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     """``value`` if it is one of ``choices`` (compared exactly: a misspelling is refused, never guessed)."""
     choices = list(choices)
     if not isinstance(value, str) or value not in choices:
@@ -99,7 +100,7 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-def check_bool(name: str, value) -> bool:
+def check_bool(name: str, value: object) -> bool:
     """``value`` if it is ``True`` or ``False`` (NumPy's too); the text ``"false"`` is refused, not read as true."""
     if not isinstance(value, (bool, np.bool_)):
         raise ArgumentError(f"{name} must be true or false, got {_kind(value)}")
@@ -159,7 +160,7 @@ def get_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def versions(packages=("torch", "transformers", "datasets", "peft", "numpy", "matplotlib")) -> dict:
+def versions(packages: Iterable[str] = ("torch", "transformers", "datasets", "peft", "numpy", "matplotlib")) -> dict:
     """Installed versions of the libraries the series uses (and Python's)."""
     out = {"python": platform.python_version()}
     for name in packages:
@@ -170,7 +171,9 @@ def versions(packages=("torch", "transformers", "datasets", "peft", "numpy", "ma
     return out
 
 
-def print_versions(packages=("torch", "transformers", "datasets", "peft", "numpy", "matplotlib")) -> None:
+def print_versions(
+    packages: Iterable[str] = ("torch", "transformers", "datasets", "peft", "numpy", "matplotlib"),
+) -> None:
     """Print one line per library: the first cell of every notebook."""
     for name, version in versions(packages).items():
         print(f"{name:>12}: {version}")
@@ -180,7 +183,7 @@ def print_versions(packages=("torch", "transformers", "datasets", "peft", "numpy
 # Used by adapters.save_adapter, peft_interop.export_to_peft and the command line.
 
 
-def check_can_write(path, kind: str = "file") -> Path:
+def check_can_write(path: str | os.PathLike, kind: str = "file") -> Path:
     """Check, without changing anything, that ``path`` can be written as a ``kind`` ("file" or "folder").
 
     Raises a clear ``OSError`` when ``path`` is the wrong kind of thing (a folder where
@@ -207,7 +210,7 @@ def check_can_write(path, kind: str = "file") -> Path:
     return path
 
 
-def write_files_atomically(folder, files: dict, remove=()) -> Path:
+def write_files_atomically(folder: str | os.PathLike, files: dict, remove: Iterable[str] = ()) -> Path:
     """Write ``{file name: bytes}`` into ``folder`` all or nothing; returns the folder.
 
     Each file is first written to a temporary file in the same folder, and only
@@ -274,7 +277,7 @@ class PeakMemory:
     Elsewhere the peak is reported as 0.
     """
 
-    def __init__(self, device):
+    def __init__(self, device: str | torch.device):
         self.device, self.peak_mib, self._stop = torch.device(device), 0.0, threading.Event()
         self.kind = "cuda max allocated" if self.device.type == "cuda" else "process RSS"
         self._hwm = False
