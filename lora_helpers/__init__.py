@@ -32,8 +32,6 @@ module                introduced in
 ====================  ========================================================
 """
 
-from __future__ import annotations
-
 from .adapters import load_adapter, lora_state_dict, read_adapter, save_adapter
 from .backbone import BACKBONES, load_backbone
 from .banner import print_banner
