@@ -246,7 +246,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             device=args.device,
             keep_model=bool(args.save_adapter),
         )
-    except (FileNotFoundError, OSError, ValueError) as err:  # no data, no backbone, a split too small
+    except (FileNotFoundError, OSError, ValueError, FloatingPointError) as err:  # no data or backbone; diverged
         print(f"error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
@@ -309,7 +309,7 @@ def _cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             sweep_seed=args.sweep_seed,
         )
         costs = method_costs(profile, args.methods)
-    except (FileNotFoundError, OSError, ValueError) as err:
+    except (FileNotFoundError, OSError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
@@ -366,7 +366,7 @@ def _cmd_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             control=reference,
             sweep_seed=args.sweep_seed,
         )
-    except (FileNotFoundError, OSError, ValueError) as err:
+    except (FileNotFoundError, OSError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start

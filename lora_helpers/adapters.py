@@ -120,13 +120,15 @@ def save_adapter(
         config["pissa_layers"] = pissa
     check_can_write(path, "folder")
     tensors = lora_state_dict(model, extra)
-    problems = tensor_problems(tensors)
+    problems = tensor_problems(tensors, model.state_dict())
     if problems:
         raise ValueError("nothing was saved: " + "; ".join(problems[:5]))
     weights = safetensors.torch.save(tensors)
     config["tensors_sha256"] = hashlib.sha256(weights).hexdigest()  # ties this config to these tensors
     text = json.dumps(config, indent=2, allow_nan=False) + "\n"  # both serialised before either is written
-    write_files_atomically(path, {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
+    # the config is renamed into place first: a crash before the tensors follow leaves a hash that does not match
+    # them (detected on load), also over a folder written before configs carried the hash
+    write_files_atomically(path, {CONFIG_NAME: text.encode(), WEIGHTS_NAME: weights})
     return path
 
 
@@ -338,8 +340,8 @@ def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
                 f"{name}: the adapter is PiSSA-initialised, but this base ({type(base).__name__}) computes its "
                 "weight (e.g. NF4): the residual cannot be made in it. Load into a full-precision base"
             )
-    problems += tensor_problems(tensors)
     state = model.state_dict()
+    problems += tensor_problems(tensors, state)
     targets = set(config["target_modules"])
     extra = tuple(f"{n}." for n in config["extra_modules"])
     for key, t in tensors.items():
@@ -364,12 +366,21 @@ def _misfits(model: nn.Module, config: dict, tensors: dict) -> list[str]:
     return problems
 
 
-def tensor_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Tensors that cannot be weights: not floating point, or holding inf or nan (a diverged run)."""
+def tensor_problems(tensors: dict[str, torch.Tensor], model_state: dict | None = None) -> list[str]:
+    """Tensors that cannot be what they stand for: holding inf or nan (a diverged run), or not floating point where
+    the model's tensor is (LoRA factors always are; an integer buffer of an extra module, e.g. BatchNorm's count,
+    stays an integer)."""
     problems = []
     for key, t in tensors.items():
+        own = None if model_state is None else model_state.get(key)
+        wants_float = (
+            key.endswith((".lora_A", ".lora_B", ".lora_A.weight", ".lora_B.weight"))
+            or own is None
+            or (own.is_floating_point())
+        )
         if not t.is_floating_point():
-            problems.append(f"{key}: a {t.dtype} tensor; adapter weights are floating point")
+            if wants_float:
+                problems.append(f"{key}: a {t.dtype} tensor; adapter weights are floating point")
         elif not torch.isfinite(t).all():
             problems.append(f"{key}: holds inf or nan (saved from a diverged run?)")
     return problems

@@ -169,9 +169,12 @@ def extended_sweep(
         lr = next_rate(best.lr, up=best is runs[-1])
         if verbose:
             print(f"   best rate {best.lr:g} is at the edge of the grid: trying {lr:g} too")
-        runs += sweep(
-            spec, data, profile, [lr], seed=seed, head_lr=head_lr, device=device, backbone=backbone, verbose=verbose
-        )
+        try:
+            runs += sweep(
+                spec, data, profile, [lr], seed=seed, head_lr=head_lr, device=device, backbone=backbone, verbose=verbose
+            )
+        except FloatingPointError:  # the rate beyond the edge diverged: the edge is the largest rate that trains
+            break
     return sorted(runs, key=lambda r: r.lr)
 
 

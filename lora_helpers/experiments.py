@@ -98,7 +98,10 @@ def study_profile(profile: Profile, **overrides: Any) -> Profile:
     (``eval_every=None``): the studies compare final models, and each extra pass costs time.
     The studies' LoRA runs have no dropout (``lora_variant``).
     """
-    return profile.replace(eval_every=None, **profile.study).replace(**overrides)
+    study = dict(profile.study)
+    if "max_length" in study:  # a cap: a profile already cut shorter stays so
+        study["max_length"] = min(study["max_length"], profile.max_length)
+    return profile.replace(eval_every=None, **study).replace(**overrides)
 
 
 # ------------------------------------------------------------------ one variant
@@ -108,6 +111,7 @@ def lora_variant(
     targets: str | Iterable[str],
     r: int,
     alpha: float = 16,
+    *,
     rslora: bool = False,
     init: str = "zero",
     lora_dropout: float = 0.0,

@@ -125,6 +125,8 @@ class LoRALinear(nn.Module):
                 "cannot be stored in it: keep the adapter unmerged, or merge in full precision "
                 "(layer.base = layer.base.dequantize(); layer.merge())"
             )
+        if W.is_meta or self.lora_B.is_meta:  # no values yet (built under torch.device("meta")): nothing to check
+            return None
         with torch.no_grad():
             delta = self.delta_weight()
             if not torch.isfinite(delta).all():

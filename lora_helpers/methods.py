@@ -160,9 +160,11 @@ def method_spec(name: str, profile: Profile | str | None = None) -> MethodSpec:
 
 
 def learning_rate(spec: MethodSpec, profile: Profile | str) -> float:
-    """``spec``'s own rate: its ``lr``, else the rate tuned for ``profile`` for its kind (a variant of LoRA
-    trains at ``lora``'s, notebook 05). A profile with no tuned rates needs one given (a sweep finds it)."""
-    lr = spec.lr if spec.lr is not None else method_spec(spec.kind, profile).lr
+    """``spec``'s own rate: its ``lr``, else the rate tuned for ``profile`` for the registered method of its name,
+    else of its kind (a variant of LoRA trains at ``lora``'s, notebook 05). A profile with no tuned rates needs one
+    given (a sweep finds it)."""
+    registered = REGISTRY.get(spec.name, REGISTRY[spec.kind])  # a registered method's own, else its kind's
+    lr = spec.lr if spec.lr is not None else registered.for_profile(profile).lr
     if lr is None:
         name = profile if isinstance(profile, str) else profile.name
         raise ValueError(

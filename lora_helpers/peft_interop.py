@@ -364,7 +364,7 @@ def import_from_peft(
             problems.append(f"{key}: shape {tuple(t.shape)} in the adapter, {tuple(state[short].shape)} in the model")
         else:
             heads[short] = t
-    problems += tensor_problems(tensors)
+    problems += tensor_problems(tensors, {PREFIX + k: v for k, v in state.items()})
     if not lora:
         problems.append("the adapter holds no lora_A/lora_B tensors")
     absent = sorted(n for n in lora if n not in modules)

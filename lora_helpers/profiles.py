@@ -49,7 +49,8 @@ class Profile:
     max_grad_norm: float = 1.0
     eval_batch_size: int = 64
     seed: int = 0
-    study: dict = field(default_factory=dict, compare=False, hash=False)  # notebook 05's sizes (study_profile)
+    # notebook 05's sizes (study_profile; max_length a cap)
+    study: dict = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def from_saved(cls, saved: dict) -> Profile:

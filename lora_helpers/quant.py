@@ -116,8 +116,14 @@ def dequantize_blockwise(
         )
     if math.prod(shape) > codes.numel():
         raise ArgumentError(f"shape {tuple(shape)} needs {math.prod(shape)} values, the codes hold {codes.numel()}")
+    return _lookup(codes, absmax, shape, book, dtype)
+
+
+def _lookup(codes, absmax, shape, book, dtype) -> torch.Tensor:
+    """``book[code] * absmax`` per block, unchecked: ``NF4Linear``'s every forward (its codes are 4-bit by
+    construction; checking them would cost two GPU synchronisations a call)."""
     block_size = codes.numel() // absmax.numel()
-    values = book[codes.int()].view(-1, block_size) * absmax[:, None]
+    values = book.to(absmax.device, torch.float32)[codes.int()].view(-1, block_size) * absmax[:, None]
     return values.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
 
 
@@ -256,7 +262,7 @@ class NF4Linear(nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the codes stand for, ``(out_features, in_features)``."""
-        return dequantize_blockwise(
+        return _lookup(
             unpack_4bit(self.packed), self.absmax, (self.out_features, self.in_features), self.code_book, dtype
         )
 

@@ -375,12 +375,21 @@ def sweep(
     verbose: bool = True,
     **kwargs: Any,
 ) -> list[RunResult]:
-    """One run per learning rate in ``lrs``, scored on the validation split only (``keep_model=True``)."""
-    out = []
+    """One run per learning rate in ``lrs``, scored on the validation split only (``keep_model=True``).
+
+    A rate whose run diverges (a non-finite loss, ``loop.train``) is left out with a line saying so: too
+    large a rate is an answer of the sweep, not a failure of it. If every rate diverges, that is an error.
+    """
+    lrs, out = list(lrs), []
     for lr in lrs:
-        out.append(
-            run(spec, data, profile, seed=seed, lr=lr, head_lr=head_lr, keep_model=True, verbose=verbose, **kwargs)
-        )
+        try:
+            out.append(
+                run(spec, data, profile, seed=seed, lr=lr, head_lr=head_lr, keep_model=True, verbose=verbose, **kwargs)
+            )
+        except FloatingPointError:
+            print(f"   {spec.name} at lr {lr:g}: the loss became inf or nan (diverged); left out of the sweep")
+    if not out:
+        raise FloatingPointError(f"every rate of the sweep {lrs} diverged for {spec.name}: try smaller rates")
     return out
 
 

@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -251,18 +252,32 @@ def write_files_atomically(folder: str | os.PathLike, files: dict, remove: Itera
     return folder
 
 
+ORPHAN_AGE_S = 600  # a temporary file untouched this long, whose writer is gone, was left by a crash
+
+
 def _remove_orphans(folder: Path, name: str) -> None:
-    """Delete the temporary files of ``name`` left by a writer that died mid-write (``kill -9``, power loss)."""
+    """Delete the temporary files of ``name`` left by a writer that died mid-write (``kill -9``, power loss).
+
+    Only our own pattern (``.<name>.<pid>.<8 hex>.tmp``), only on POSIX (where signal 0 asks whether a process
+    runs), only when that process is gone *and* the file is older than ``ORPHAN_AGE_S``: on a folder shared
+    between machines a live writer's pid means nothing here, but a save never takes ten minutes.
+    """
+    if os.name != "posix":
+        return
     for tmp in folder.glob(f".{name}.*.tmp"):
-        pid = tmp.name[len(name) + 2 :].split(".")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        pid, _, rest = tmp.name[len(name) + 2 : -len(".tmp")].partition(".")
+        if not (pid.isdigit() and len(rest) == 8 and all(c in "0123456789abcdef" for c in rest)):
+            continue
+        if int(pid) == os.getpid():
             continue
         try:
+            if time.time() - tmp.stat().st_mtime < ORPHAN_AGE_S:
+                continue
             os.kill(int(pid), 0)  # signal 0: does the writer still run?
         except ProcessLookupError:
             tmp.unlink(missing_ok=True)
         except OSError:
-            pass  # it runs under another user: its file is not ours to remove
+            pass  # it runs under another user, or the file went: not ours to remove
 
 
 class PeakMemory:

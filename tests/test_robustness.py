@@ -229,15 +229,15 @@ def test_a_crash_between_the_two_renames_is_detected(tmp_path, monkeypatch):
     save_adapter(trained_two(), tmp_path / "a", base_model="old")
     real_replace = os.replace
 
-    def crash_on_the_config(src, dst):
-        if str(dst).endswith(CONFIG_NAME):
-            raise KeyboardInterrupt  # the process dies after renaming the tensors
+    def crash_before_the_tensors(src, dst):
+        if str(dst).endswith(WEIGHTS_NAME):
+            raise KeyboardInterrupt  # the process dies after renaming the config, before the tensors
         real_replace(src, dst)
 
     newer = trained_two()
     with torch.no_grad():
         lora_layers(newer)["0"].lora_B.mul_(3)
-    monkeypatch.setattr(os, "replace", crash_on_the_config)
+    monkeypatch.setattr(os, "replace", crash_before_the_tensors)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(newer, tmp_path / "a", base_model="new")
     monkeypatch.undo()
@@ -281,10 +281,17 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_save(tmp_pat
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = folder / f".{WEIGHTS_NAME}.{dead.stdout.strip()}.0123abcd.tmp"  # as left by kill -9 mid-save
     orphan.write_bytes(b"half a file")
-    mine = folder / f".{WEIGHTS_NAME}.{os.getppid()}.0123abcd.tmp"  # a writer that still runs: left alone
-    mine.write_bytes(b"being written")
+    recent = folder / f".{CONFIG_NAME}.{dead.stdout.strip()}.4567abcd.tmp"  # maybe a writer on another machine
+    recent.write_bytes(b"being written elsewhere")
+    alive = folder / f".{WEIGHTS_NAME}.{os.getppid()}.89abcdef.tmp"  # a writer that still runs
+    alive.write_bytes(b"being written")
+    notes = folder / f".{WEIGHTS_NAME}.{dead.stdout.strip()}.my-notes.tmp"  # not our pattern
+    notes.write_bytes(b"mine")
+    old = os.path.getmtime(orphan) - 3600
+    for f in (orphan, alive, notes):
+        os.utime(f, (old, old))
     save_adapter(trained_two(), folder)
-    assert not orphan.exists() and mine.exists()
+    assert not orphan.exists() and recent.exists() and alive.exists() and notes.exists()
 
 
 def test_a_folder_whose_name_is_not_utf8_loads(tmp_path):
@@ -721,3 +728,107 @@ def test_the_launcher_checks_its_arguments_before_spawning():
         run_data_parallel(2, 1, 4, 100, kind="tiny")
     with pytest.raises(ValueError, match="batch_size 16 must split evenly over 3 processes"):
         run_data_parallel(3, 1, 16, 32, kind="tiny")
+
+
+# ====================================================================== review follow-ups
+
+
+def test_the_first_non_finite_loss_stops_the_run_before_its_step():
+    from lora_helpers.loop import train
+
+    class NanAtThird(TinyClassifier):
+        calls = 0
+
+        def forward(self, **batch):
+            out = super().forward(**batch)
+            NanAtThird.calls += 1
+            if NanAtThird.calls == 3:
+                out.loss = out.loss * float("nan")
+            return out
+
+    model = NanAtThird()
+    with pytest.raises(FloatingPointError):
+        train(model, tiny_batches(n=6), lr=1e-3, device="cpu")
+    assert NanAtThird.calls == 3  # it stopped at the first non-finite loss
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # and that step updated nothing
+
+
+def test_a_sweep_leaves_out_a_rate_that_diverges_and_fails_only_if_all_do(monkeypatch):
+    from test_runner import tiny_backbone, tiny_data
+
+    from lora_helpers import get_profile, method_spec
+    from lora_helpers.runner import sweep
+
+    profile = get_profile("quick", epochs=1, eval_every=None)
+    real_train = __import__("lora_helpers.runner", fromlist=["train"]).train
+
+    def diverge_at_large_rates(model, *args, param_groups, **kwargs):
+        if max(g["lr"] for g in param_groups if g["name"] == "method") > 1e-2:
+            raise FloatingPointError("the training loss is nan (not finite)")
+        return real_train(model, *args, param_groups=param_groups, **kwargs)
+
+    monkeypatch.setattr("lora_helpers.runner.train", diverge_at_large_rates)
+    spec, data = method_spec("lora"), tiny_data()
+    runs = sweep(spec, data, profile, [1e-3, 1e-1], backbone=tiny_backbone, device="cpu", verbose=False)
+    assert [r.lr for r in runs] == [1e-3]
+    with pytest.raises(FloatingPointError, match="every rate of the sweep"):
+        sweep(spec, data, profile, [1e-1, 1.0], backbone=tiny_backbone, device="cpu", verbose=False)
+
+
+def test_a_registered_method_without_its_own_lr_trains_at_its_own_tuned_rate():
+    from lora_helpers.methods import REGISTRY, learning_rate, method_spec
+
+    bare = REGISTRY["lora-all"]  # no profile applied: lr None
+    assert learning_rate(bare, "quick") == method_spec("lora-all", "quick").lr == 1e-3  # not lora's 3e-3
+    assert learning_rate(bare.replace(name="my variant"), "quick") == method_spec("lora", "quick").lr
+
+
+def test_the_studies_keep_a_shorter_max_length_the_user_chose():
+    from lora_helpers import get_profile
+    from lora_helpers.experiments import study_profile
+
+    assert study_profile(get_profile("gpu", max_length=128)).max_length == 128
+    assert study_profile(get_profile("gpu")).max_length == 256
+
+
+def test_lora_variant_takes_its_options_by_name():
+    from lora_helpers.experiments import lora_variant
+
+    with pytest.raises(TypeError):
+        lora_variant(("q_lin",), 8, 16, object())  # e.g. an old call passing a profile fourth
+
+
+def test_merge_problem_on_a_meta_layer_is_none():
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(8, 8), r=2)
+    assert layer.merge_problem() is None
+
+
+def test_an_adapter_saved_before_the_hash_still_loads(tmp_path):
+    model = trained_two()
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    del config["tensors_sha256"]  # as written by an earlier version
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(config))
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(load_adapter(fresh_two(), tmp_path / "a")(x), model(x))
+
+
+def test_an_extra_modules_integer_buffer_is_not_refused(tmp_path):
+    class WithNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(6, 6)
+            self.norm = nn.BatchNorm1d(6)  # its num_batches_tracked is an int64 buffer
+
+        def forward(self, x):
+            return self.norm(self.lin(x))
+
+    model = WithNorm()
+    apply_lora(model, ["lin"], r=2)
+    with torch.no_grad():
+        model.lin.lora_B.normal_()
+    save_adapter(model, tmp_path / "a", extra=["norm"])
+    loaded = load_adapter(WithNorm(), tmp_path / "a")
+    assert torch.equal(loaded.norm.num_batches_tracked, model.norm.num_batches_tracked)
