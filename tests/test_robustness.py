@@ -275,6 +275,31 @@ def test_readers_never_see_a_config_and_tensors_from_different_saves(tmp_path):
     assert errors == []
 
 
+def test_a_save_between_reading_the_config_and_the_tensors_is_noticed(tmp_path, monkeypatch):
+    """The interleaving of the test above, forced: another save lands right after the config was read."""
+    from lora_helpers import adapters
+
+    folder = tmp_path / "a"
+    first, second = trained_two(), trained_two()
+    with torch.no_grad():
+        lora_layers(second)["0"].lora_B.mul_(-2)
+    save_adapter(first, folder, base_model="first")
+    real_read = adapters.read_json_file
+    calls = []
+
+    def read_then_someone_saves(*args, **kwargs):
+        config = real_read(*args, **kwargs)
+        if not calls:
+            save_adapter(second, folder, base_model="second")
+        calls.append(config.get("base_model"))
+        return config
+
+    monkeypatch.setattr(adapters, "read_json_file", read_then_someone_saves)
+    config, tensors = read_adapter(folder)
+    want = {"first": first, "second": second}[config["base_model"]]
+    assert torch.equal(tensors["0.lora_B"], lora_layers(want)["0"].lora_B)
+
+
 def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
     folder = tmp_path / "a"
     save_adapter(trained_two(), folder)
