@@ -140,37 +140,30 @@ def _dropout_p(layer: LoRALinear) -> float:
     return layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
-def read_json_file(file: Path, what: str) -> dict:
-    """A JSON object from ``file``; a damaged or non-object file is a ``ValueError`` naming it."""
-    try:
-        return parse_json_object(file.read_bytes(), str(file), what)
-    except OSError as err:
-        raise ValueError(f"{file} cannot be read ({err.strerror}): the {what} is missing or unreadable") from None
-
-
-def parse_json_object(data: bytes | str, where: str, what: str) -> dict:
-    """The JSON object in ``data`` (read from ``where``); damaged, non-UTF-8 or absurdly nested text is refused."""
-    try:
-        config = json.loads(data)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{where} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): the {what} "
-            "is damaged or incomplete; write it again"
-        ) from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{where} is not a text (UTF-8) file: the {what} is damaged; write it again") from None
-    except RecursionError:
-        raise ValueError(f"{where} is nested too deeply to be a {what}: it was not written by this library") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{where} must hold a JSON object ({{...}}), it holds a {type(config).__name__}")
-    return config
-
-
 def _read_bytes(file: Path) -> bytes:
+    """The bytes of ``file`` (read as bytes: any file name works); an unreadable file is a ``ValueError``."""
     try:
         return file.read_bytes()
     except OSError as err:
         raise ValueError(f"{file} cannot be read ({err.strerror})") from None
+
+
+def read_json_file(file: Path, what: str) -> dict:
+    """A JSON object from ``file``; a damaged, non-UTF-8, absurdly nested or non-object file is a ``ValueError``."""
+    try:
+        config = json.loads(_read_bytes(file))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): the {what} "
+            "is damaged or incomplete; write it again"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not a text (UTF-8) file: the {what} is damaged; write it again") from None
+    except RecursionError:
+        raise ValueError(f"{file} is nested too deeply to be a {what}: it was not written by this library") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object ({{...}}), it holds a {type(config).__name__}")
+    return config
 
 
 def read_safetensors_file(file: Path, what: str) -> dict[str, torch.Tensor]:
